@@ -1,0 +1,157 @@
+"""Structured configuration: dataclasses + YAML + `key=value` overrides (OmegaConf).
+
+    cfg = load_config("configs/fmnist.yaml", ["cluster.k=100", "run_dir=runs/x"])
+
+Unknown keys and wrong types fail here, before any work, with the offending key named.
+`validate` adds the cross-field checks a type system cannot express (k >= m, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODES = ("deepercluster", "rotnet", "deepcluster")
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/fmnist/train"  # shard directory holding manifest.json
+    test: str = "data/fmnist/test"
+    image_size: int = 28  # side of the crop fed to the network
+    resize: int = 32  # extraction: resize shorter side to this, then center crop image_size
+    batch_size: int = 64  # per rank
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 2000  # samples held for streaming shuffle, per worker
+    min_scale: float = 0.5  # RandomResizedCrop lower scale bound (training)
+    max_samples: int = 0  # >0: use only this many samples (smoke runs); applied per shard list
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: int = 600  # collective timeout: a dead peer fails the run instead of hanging it
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "smallvgg"  # smallvgg | vgg16_bn | resnet50
+    sobel: bool = True  # fixed grayscale + Sobel input layer (paper default)
+    feature_dim: int = 512  # smallvgg: width of the penultimate (feature) layer
+    channels_last: bool = True  # GPU only
+    compile: bool = False  # torch.compile the trunk (GPU only)
+
+
+@dataclass
+class ClusterConfig:
+    k: int = 100  # total number of sub-clusters (k = 1: RotNet, no clustering)
+    m: int = 4  # number of super-clusters (m = 1: flat DeepCluster)
+    pca_dim: int = 64  # whitening dimension d (<= feature dim)
+    pca_eps: float = 1e-5  # eigenvalue floor, relative to the largest eigenvalue
+    niter: int = 20  # Lloyd iterations per level
+    backend: str = "auto"  # auto | faiss | torch (E-step)
+    init_samples_per_rank: int = 10000  # bound on the points each rank offers for centroid init
+    memmap_gb: float = 4.0  # features larger than this per rank go to a memmap on local disk
+    memmap_dir: str = "/tmp"
+    nmi_exact_max: int = 1_000_000  # above this many images, NMI between rounds is sampled
+    nmi_sample: int = 100_000
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    reassign: int = 2  # re-cluster every this many epochs
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 0
+    schedule: str = "constant"  # constant | cosine
+    rotations: int = 4  # 4: rotation prediction; 1: none (DeepCluster)
+    all_rotations: bool = False  # True: each image in all 4 rotations; False: one random rotation
+    balance: str = "weight"  # weight: per-sample 1/|cluster| loss weights | none
+    bf16: bool = True  # autocast on GPU only
+    ckpt_every_steps: int = 200
+    log_every_steps: int = 20
+    max_steps_per_epoch: int = 0  # >0: cap (smoke runs)
+
+
+@dataclass
+class Config:
+    mode: str = "deepercluster"  # deepercluster | rotnet | deepcluster
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key."""
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> DictConfig:
+    """Schema <- YAML file <- `key=value` overrides; then apply the mode and validate."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        if path:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        raise ConfigError(f"config key {key!r}: {str(err).splitlines()[0]}") from None
+    apply_mode(cfg)
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def apply_mode(cfg: DictConfig) -> None:
+    """The baselines are modes of the same code: RotNet is k = 1, DeepCluster is m = 1 without rotation."""
+    if cfg.mode == "rotnet":
+        cfg.cluster.k, cfg.cluster.m = 1, 1
+        cfg.train.rotations = 4
+    elif cfg.mode == "deepcluster":
+        cfg.cluster.m = 1
+        cfg.train.rotations = 1
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {why}")
+
+
+def validate(cfg: DictConfig) -> None:
+    c, t, d = cfg.cluster, cfg.train, cfg.data
+    _check(cfg.mode in MODES, "mode", f"must be one of {MODES}, got {cfg.mode!r}")
+    _check(c.k >= 1 and c.m >= 1, "cluster.k", "k and m must be >= 1")
+    _check(c.k >= c.m, "cluster.k", f"k={c.k} must be >= m={c.m} (each super-cluster needs a sub-cluster)")
+    _check(c.k % c.m == 0, "cluster.k", f"k={c.k} must be a multiple of m={c.m} (k/m sub-clusters each)")
+    _check(c.pca_dim >= 1, "cluster.pca_dim", "must be >= 1")
+    _check(c.backend in ("auto", "faiss", "torch"), "cluster.backend", "auto | faiss | torch")
+    _check(t.rotations in (1, 4), "train.rotations", "must be 1 or 4")
+    _check(t.rotations > 1 or c.k > 1, "train.rotations", "no rotation and k=1 leaves nothing to predict")
+    _check(t.reassign >= 1, "train.reassign", "must be >= 1")
+    _check(t.balance in ("weight", "none"), "train.balance", "weight | none")
+    _check(t.schedule in ("constant", "cosine"), "train.schedule", "constant | cosine")
+    _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.image_size <= d.resize, "data.image_size", f"crop {d.image_size} larger than resize {d.resize}")
+    _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "auto | gloo | nccl")
+    _check(cfg.model.arch in ("smallvgg", "vgg16_bn", "resnet50"), "model.arch", "smallvgg | vgg16_bn | resnet50")
+
+
+def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path

@@ -1,0 +1,193 @@
+"""The one distributed runtime: who am I, which device, which groups; clean start and stop.
+
+Rank detection, in order: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR), SLURM or submitit
+(SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master = first host of SLURM_JOB_NODELIST), else a
+single process. The process group is always initialised (world size 1 included) so every code path
+runs the same collectives whatever the world size.
+
+    with distributed.session(cfg.dist) as env:
+        ...   # an exception on any rank tears the group down instead of leaving peers hanging
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ENV: Optional[DistEnv] = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'node[003-005,9],gpu1' -> 'node003' (what `scontrol show hostnames | head -1` gives)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def detect_ranks(environ: Optional[dict] = None) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, SLURM, or a single process; sets MASTER_* if needed."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        # a fixed port derived from the job id: every task computes the same one without talking
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return rank, world, int(env.get("SLURM_LOCALID", 0))
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return 0, 1, 0
+
+
+def pick_backend_and_device(backend: str, device: str, local_rank: int) -> tuple[str, torch.device]:
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("dist.device=cuda but CUDA is not available")
+    dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise RuntimeError("dist.backend=nccl needs CUDA; use gloo on CPU")
+    return backend, dev
+
+
+def init(backend: str = "auto", timeout_s: int = 600, device: str = "auto") -> DistEnv:
+    """Initialise the default process group once; later calls return the same environment."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    rank, world, local_rank = detect_ranks()
+    backend, dev = pick_backend_and_device(backend, device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=dev if dev.type == "cuda" else None)
+    _ENV = DistEnv(rank, world, local_rank, dev, backend)
+    return _ENV
+
+
+def shutdown() -> None:
+    global _ENV
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _ENV = None
+
+
+def env() -> DistEnv:
+    if _ENV is None:
+        raise RuntimeError("distributed.init() has not been called")
+    return _ENV
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only (flushes: torchrun pipes stdout)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+@contextlib.contextmanager
+def session(cfg_dist=None) -> Iterator[DistEnv]:
+    """init() ... shutdown(); on an exception, report the rank and exit non-zero at once.
+
+    A rank that raises must not wait in destroy_process_group for peers that are themselves
+    blocked in a collective: it exits, torchrun sees the failure and stops the others, and ranks
+    started some other way hit the collective timeout instead of hanging forever.
+    """
+    kwargs = {} if cfg_dist is None else dict(backend=cfg_dist.backend, timeout_s=cfg_dist.timeout_s,
+                                              device=cfg_dist.device)
+    info = init(**kwargs)
+    try:
+        yield info
+    except BaseException as err:  # noqa: BLE001 - we re-raise or exit; never swallow
+        if info.world_size == 1 or isinstance(err, (SystemExit, KeyboardInterrupt)):
+            shutdown()
+            raise
+        import traceback
+        traceback.print_exc()
+        print(f"[rank {info.rank}] failed: {err!r}; exiting so the other ranks are stopped",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    shutdown()
+
+
+# ---------------------------------------------------------------- groups
+
+
+def ownership(num_items: int, world: int) -> list[list[int]]:
+    """Ranks that own each of `num_items` items (super-clusters, heads), for any world size.
+
+    world >= num_items: ranks split into contiguous groups whose sizes differ by at most one;
+    world < num_items: item i is owned by rank i * world // num_items (contiguous blocks).
+    Every rank owns something and every item has at least one owner.
+    """
+    if num_items < 1 or world < 1:
+        raise ValueError(f"ownership needs num_items >= 1 and world >= 1, got {num_items}, {world}")
+    if world >= num_items:
+        bounds = [i * world // num_items for i in range(num_items + 1)]
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(num_items)]
+    return [[i * world // num_items] for i in range(num_items)]
+
+
+def new_groups(rank_lists: Sequence[Sequence[int]]) -> list[Optional[dist.ProcessGroup]]:
+    """One process group per rank list (all ranks must call this, in the same order).
+
+    Returns, per list, the group if this rank is a member, else None. Duplicate lists share one
+    group; single-rank lists get None-free groups too, so callers never special-case them.
+    """
+    me = rank()
+    cache: dict[tuple[int, ...], Optional[dist.ProcessGroup]] = {}
+    out = []
+    for ranks in rank_lists:
+        key = tuple(sorted(ranks))
+        if key not in cache:
+            group = dist.new_group(list(key))  # collective over the default group: every rank calls it
+            cache[key] = group if me in key else None
+        out.append(cache[key])
+    return out
