@@ -9,6 +9,7 @@ fails it at `timeout` seconds (processes are killed, never left behind).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -30,19 +31,25 @@ def _worker(fn, rank, world_size, port, args, queue, threads):
     try:
         distributed.init(backend="gloo", timeout_s=120, device="cpu")
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # plain pickle to bytes: torch's queue would pass tensors through shared memory that
+        # vanishes when this process exits before the parent has read them
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         distributed.shutdown()
 
 
-def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 180, threads: int = 1) -> list:
-    """Results of fn on every rank, indexed by rank; raises on any rank's failure or a timeout."""
+def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 180, threads: int = 1,
+              daemon: bool = True) -> list:
+    """Results of fn on every rank, indexed by rank; raises on any rank's failure or a timeout.
+
+    daemon=False lets a rank start child processes (DataLoader workers); ranks are still
+    terminated below if they outlive the test."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue, threads), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue, threads), daemon=daemon)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -51,7 +58,7 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 180, threa
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
                 break  # peers of a failed rank may be blocked in a collective: stop now

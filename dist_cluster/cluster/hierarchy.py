@@ -1,0 +1,173 @@
+"""Hierarchical k-means: m super-clusters over all ranks, then k/m sub-clusters inside each one,
+computed by the rank group that owns it; features travel by all_to_all, labels come back.
+
+    res = hierarchical_kmeans(x_local, k=1000, m=4, niter=20, seed=0, backend="auto")
+    res.super_local, res.sub_local   # [n_local] each, for THIS rank's rows, in their order
+
+LEVEL 1  kmeans(m) over every rank.
+ROUTE    each row goes to a rank of the group owning its super-cluster (distributed.ownership: for
+         W >= m contiguous groups, for W < m a rank owns several super-clusters). Within a group of
+         several ranks every source spreads its rows round-robin over the members, starting at an
+         offset equal to its own rank, so the members end up with near-equal shares.
+LEVEL 2  for each owned super-cluster s, kmeans(k/m) over the rows of s inside the owning group.
+RETURN   all_to_all back along the same splits: every rank gets (super, sub) for its own rows.
+
+Sub-cluster ids are global: sub = s * (k // m) + local_sub, so sub // (k // m) == super.
+A super-cluster with n_s < k/m rows gets n_s sub-clusters (ids s*(k/m) + n_s ... stay unused and
+are reported in `clamped`); an empty one gets none. Every rank decides this from the global level-1
+sizes, so all members of a group skip or join the same collectives.
+Modes: m == 1 (flat DeepCluster) clusters over the world with no routing; k == m needs no level 2
+(sub == super); k == 1 (RotNet) labels everything 0.
+
+Memory: a rank holds its own rows plus the rows routed to it (about n_local again, both in RAM).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed
+from ..logger import Timer
+from . import comm
+from .kmeans import KMeansResult, kmeans
+
+_GROUP_CACHE: dict = {}
+
+
+@dataclass
+class HierResult:
+    super_local: torch.Tensor  # [n_local] int64
+    sub_local: torch.Tensor  # [n_local] int64, global sub-cluster ids
+    centroids_super: torch.Tensor  # [m, d]
+    centroids_sub: dict[int, torch.Tensor]  # owned super-cluster -> [k_s, d] (k_s <= k // m)
+    sub_sizes: torch.Tensor  # [k] int64, global
+    super_sizes: torch.Tensor  # [m] int64, global
+    seconds: dict[str, float]  # level1, route, level2, return (this rank's wall time)
+    owners: list[list[int]]  # ranks owning each super-cluster
+    empty_resplit: int = 0  # over both levels and all groups
+    objective_level1: float = 0.0  # global sum of squared distances to the super centroids
+    objective_level2: float = 0.0  # global sum of squared distances to the sub centroids
+    clamped: dict[int, int] = field(default_factory=dict)  # super -> sub-clusters used, when < k // m
+    level1: Optional[KMeansResult] = None
+    level2: dict[int, KMeansResult] = field(default_factory=dict)
+
+
+def owner_groups(m: int) -> tuple[list[list[int]], list]:
+    """(owners, process groups) for m super-clusters; groups are created once per world and m."""
+    world = comm.group_size()
+    owners = distributed.ownership(m, world)
+    if not comm.initialized():
+        return owners, [None] * m
+    key = (id(dist.group.WORLD), m, world)  # a re-initialised world gets fresh groups
+    if key not in _GROUP_CACHE:
+        _GROUP_CACHE[key] = distributed.new_groups(owners)
+    return owners, _GROUP_CACHE[key]
+
+
+def route_destinations(super_local: torch.Tensor, owners: list[list[int]], rank: int) -> torch.Tensor:
+    """Destination rank of every local row: a member of its super-cluster's group, round-robin."""
+    n = len(super_local)
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64)
+    width = max(len(o) for o in owners)
+    members = torch.tensor([o + [o[0]] * (width - len(o)) for o in owners], dtype=torch.int64)
+    group_len = torch.tensor([len(o) for o in owners], dtype=torch.int64)
+    order = torch.argsort(super_local, stable=True)
+    s_sorted = super_local[order]
+    pos = torch.arange(n) - torch.searchsorted(s_sorted, s_sorted, side="left")  # rank within its super
+    member = (pos + rank) % group_len[s_sorted]
+    dest = torch.empty(n, dtype=torch.int64)
+    dest[order] = members[s_sorted, member]
+    return dest
+
+
+def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, backend: str = "auto",
+                        log: Optional[Callable[..., None]] = None, init_samples_per_rank: int = 10000
+                        ) -> HierResult:
+    """Collective over the world. `log(level=, super=, iteration=, objective=, seconds=)` per iteration."""
+    if m < 1 or k < m or k % m:
+        raise ValueError(f"hierarchical k-means needs 1 <= m <= k and k % m == 0, got k={k}, m={m}")
+    n_total = int(comm.all_reduce(torch.tensor([comm.num_rows(x_local)]), None).item())
+    if k > n_total:
+        raise ValueError(f"k={k} clusters but only n={n_total} images over all ranks")
+    kpm, rank = k // m, comm.group_rank()
+    seconds = {"level1": 0.0, "route": 0.0, "level2": 0.0, "return": 0.0}
+    owners, groups = owner_groups(m)
+
+    def level_log(level, s=None):
+        return None if log is None else (lambda **kw: log(level=level, super=s, **kw))
+
+    with Timer() as timer:
+        level1 = kmeans(x_local, m, niter, seed, backend, None, init_samples_per_rank, level_log(1))
+    seconds["level1"] = timer.seconds
+    super_local, super_sizes = level1.assign_local, level1.sizes
+    res = HierResult(super_local=super_local, sub_local=super_local.clone(), centroids_super=level1.centroids,
+                     centroids_sub={}, sub_sizes=torch.zeros(k, dtype=torch.int64), super_sizes=super_sizes,
+                     seconds=seconds, owners=owners, level1=level1)
+    mine = [s for s in range(m) if rank in owners[s]]
+    level2_stats = torch.zeros(2, dtype=torch.float64)  # empties, objective (group leaders only)
+
+    if kpm == 1:  # k == m (includes k == 1): the super-cluster is the sub-cluster
+        res.centroids_sub = {s: level1.centroids[s:s + 1].clone() for s in mine}
+        level2_stats[1] = level1.final_objective if rank == 0 else 0.0
+    elif m == 1:  # flat k-means over the world: nothing to route
+        with Timer() as timer:
+            flat = kmeans(x_local, k, niter, seed + 1, backend, None, init_samples_per_rank, level_log(2, 0))
+        seconds["level2"] = timer.seconds
+        res.sub_local, res.centroids_sub, res.level2 = flat.assign_local, {0: flat.centroids}, {0: flat}
+        if rank == 0:
+            level2_stats += torch.tensor([flat.empty_resplit, flat.final_objective], dtype=torch.float64)
+    else:
+        _route_and_cluster(x_local, res, k, m, niter, seed, backend, init_samples_per_rank,
+                           owners, groups, mine, level2_stats, level_log)
+
+    res.clamped = {s: int(n) for s, n in enumerate(super_sizes.tolist()) if n < kpm and kpm > 1}
+    level2_stats = comm.all_reduce(level2_stats)
+    res.empty_resplit = level1.empty_resplit + int(level2_stats[0].item())
+    res.objective_level1, res.objective_level2 = level1.final_objective, float(level2_stats[1].item())
+    res.sub_sizes = comm.all_reduce(torch.bincount(res.sub_local, minlength=k))
+    return res
+
+
+def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, backend, init_samples_per_rank,
+                       owners, groups, mine, level2_stats, level_log) -> None:
+    """ROUTE -> LEVEL 2 -> RETURN; fills res.sub_local, res.centroids_sub, res.level2."""
+    kpm, rank, world = k // m, comm.group_rank(), comm.group_size()
+    seconds = res.seconds
+    with Timer() as timer:
+        dest = route_destinations(res.super_local, owners, rank)
+        send_order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=world).tolist()
+        recv_x, recv_counts = comm.all_to_all_rows(comm.take_rows(x_local, send_order), send_counts)
+        recv_super = comm.all_to_all_rows_known(res.super_local[send_order], send_counts, recv_counts)
+    seconds["route"] = timer.seconds
+
+    with Timer() as timer:
+        recv_sub = torch.full((len(recv_super),), -1, dtype=torch.int64)
+        by_super = torch.argsort(recv_super, stable=True)
+        bounds = torch.searchsorted(recv_super[by_super], torch.arange(m + 1)).tolist()
+        for s in mine:
+            n_s = int(res.super_sizes[s])
+            if n_s == 0:
+                continue  # every member sees the same global size and skips together
+            rows = by_super[bounds[s]:bounds[s + 1]]
+            sub = kmeans(recv_x[rows], min(kpm, n_s), niter, seed * 1_000_003 + s + 1, backend, groups[s],
+                         init_samples_per_rank, level_log(2, s))
+            recv_sub[rows] = s * kpm + sub.assign_local
+            res.centroids_sub[s], res.level2[s] = sub.centroids, sub
+            if comm.group_rank(groups[s]) == 0:
+                level2_stats += torch.tensor([sub.empty_resplit, sub.final_objective], dtype=torch.float64)
+        if (recv_sub < 0).any():
+            raise RuntimeError(f"rank {rank}: {(recv_sub < 0).sum()} routed rows belong to a super-cluster "
+                               "this rank does not own (routing and ownership disagree)")
+    seconds["level2"] = timer.seconds
+
+    with Timer() as timer:
+        back = comm.all_to_all_rows_known(recv_sub, recv_counts, send_counts)
+        sub_local = torch.empty_like(res.super_local)
+        sub_local[send_order] = back
+        res.sub_local = sub_local
+    seconds["return"] = timer.seconds

@@ -1,0 +1,300 @@
+"""Sharded Lloyd k-means: each rank keeps its own rows; only k x d numbers cross the network.
+
+    res = kmeans(x_local, k=1000, niter=20, seed=0)   # collective over `group` (default: world)
+    res.centroids            # [k, d], identical on every rank
+    res.assign_local         # [n_local] int64, nearest final centroid of each local row
+
+Per iteration: E-step on the local rows (faiss IndexFlatL2, a faiss GPU index, or a chunked torch
+matmul), M-step as ONE all_reduce of [k*d sums | k counts | objective] in float64, then empty
+clusters are re-split identically on every rank (same global counts, same seeded generator).
+After `niter` iterations a final E-step assigns every row to the final centroids, so labels,
+sizes and centroids agree.
+
+Matching faiss.Kmeans: `objective[i]` is faiss's `obj[i]` (sum of squared distances at the E-step
+of iteration i). faiss.Kmeans takes initial centroids through `train(x, init_centroids=c)` and
+silently subsamples to k * max_points_per_centroid (default 256) rows, so comparisons set
+`max_points_per_centroid` high (bench/kmeans.py, tests/test_kmeans.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import comm
+
+SPLIT_EPS = 1.0 / 1024  # relative perturbation of a split centroid (faiss uses the same)
+DATA_CHUNK_ELEMENTS = 2**24  # rows per data chunk = this / d (one chunk of a memmap in RAM at a time)
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # [k, d] float32, CPU, identical on all ranks
+    assign_local: torch.Tensor  # [n_local] int64, CPU
+    objective: list[float]  # per iteration, global sum of squared distances at the E-step
+    final_objective: float  # global sum of squared distances of assign_local to centroids
+    sizes: torch.Tensor  # [k] int64, global cluster sizes of the final assignment
+    empty_resplit: int  # empty clusters re-split over all iterations
+    n_total: int  # global number of rows
+    init_centroids: torch.Tensor  # [k, d] float32, the starting point (for references)
+    iteration_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def mean_objective(self) -> float:
+        return self.final_objective / max(1, self.n_total)
+
+
+# ---------------------------------------------------------------- E-step backends
+
+
+def faiss_num_gpus() -> int:
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto: faiss on CPU; on CUDA, faiss's GPU index when faiss was built with GPUs, else torch."""
+    if backend == "auto":
+        if device.type == "cuda":
+            return "faiss" if faiss_num_gpus() > 0 else "torch"
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "faiss"
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"k-means backend must be auto | faiss | torch, got {backend!r}")
+    return backend
+
+
+class TorchAssigner:
+    """Nearest centroid by ||c||^2 - 2 x.c (+ ||x||^2), chunked so the [rows, k] block stays bounded."""
+
+    def __init__(self, device: torch.device, block_elements: Optional[int] = None):
+        self.device = device
+        self.block_elements = block_elements or (2**27 if device.type == "cuda" else 2**22)
+
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        self.centroids = centroids.to(self.device, torch.float32)
+        self.sq_norms = (self.centroids * self.centroids).sum(1)
+
+    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device)
+        k = self.centroids.shape[0]
+        rows = max(1, self.block_elements // k)
+        dists = torch.empty(len(x), dtype=torch.float32, device=self.device)
+        labels = torch.empty(len(x), dtype=torch.int64, device=self.device)
+        for start in range(0, len(x), rows):
+            xb = x[start:start + rows]
+            scores = torch.addmm(self.sq_norms, xb, self.centroids.T, beta=1, alpha=-2)
+            best, idx = scores.min(dim=1)
+            dists[start:start + rows] = (best + (xb * xb).sum(1)).clamp_min_(0)
+            labels[start:start + rows] = idx
+        return dists, labels
+
+
+class FaissAssigner:
+    """faiss IndexFlatL2 (BLAS for big batches), or a faiss GPU flat index for CUDA tensors.
+
+    The CPU index uses torch's thread count, so one knob (torch.set_num_threads, or
+    OMP_NUM_THREADS under torchrun) sets the threads of both backends.
+    """
+
+    def __init__(self, d: int, device: torch.device):
+        import faiss
+        self.device = device
+        if device.type == "cuda" and faiss_num_gpus() > 0:
+            import faiss.contrib.torch_utils  # noqa: F401 - lets GPU indexes take torch CUDA tensors
+            self._res = faiss.StandardGpuResources()
+            config = faiss.GpuIndexFlatConfig()
+            config.device = device.index or 0
+            self.index = faiss.GpuIndexFlatL2(self._res, d, config)
+            self.gpu = True
+        else:
+            faiss.omp_set_num_threads(torch.get_num_threads())
+            self.index = faiss.IndexFlatL2(d)
+            self.gpu = False
+
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        self.index.reset()
+        if self.gpu:
+            self.index.add(centroids.to(self.device, torch.float32).contiguous())
+        else:
+            self.index.add(np.ascontiguousarray(centroids.cpu().numpy(), dtype=np.float32))
+
+    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(x) == 0:
+            return torch.empty(0, device=x.device), torch.empty(0, dtype=torch.int64, device=x.device)
+        if self.gpu:
+            dists, labels = self.index.search(x.to(self.device).contiguous(), 1)
+            return dists[:, 0], labels[:, 0]
+        dists, labels = self.index.search(np.ascontiguousarray(x.cpu().numpy()), 1)
+        return torch.from_numpy(dists[:, 0]).to(x.device), torch.from_numpy(labels[:, 0]).to(x.device)
+
+
+def make_assigner(backend: str, d: int, device: torch.device):
+    return FaissAssigner(d, device) if backend == "faiss" else TorchAssigner(device)
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+def init_quotas(counts: list[int], cap: int, k: int) -> list[int]:
+    """Rows each rank offers to the init pool: min(n_r, cap), cap raised until the pool holds k."""
+    cap = max(1, cap)
+    if sum(min(n, cap) for n in counts) < k:
+        lo, hi = cap, max(counts)  # the smallest cap whose pool holds k (exists: sum(counts) >= k)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if sum(min(n, mid) for n in counts) < k else (lo, mid)
+        cap = lo
+    return [min(n, cap) for n in counts]
+
+
+def initial_centroids(x_local, k: int, seed: int, init_samples_per_rank: int, group=None,
+                      device: Optional[torch.device] = None) -> torch.Tensor:
+    """k distinct rows drawn uniformly from a pool of bounded random subsets, one per rank.
+
+    Rank r's subset is init_samples_per_rank random rows of its own (fewer if it has fewer; more
+    only when the pool would otherwise hold fewer than k). The k pool positions are drawn by a
+    generator seeded identically on every rank; each rank writes the rows it owns into a zero
+    [k, d] buffer and one all_reduce assembles it: the same centroids everywhere, O(k d) memory
+    and traffic, and no rank ever holds another rank's pool (an all_gather would cost W * pool * d).
+    """
+    world, me = comm.group_size(group), comm.group_rank(group)
+    device = device or comm.data_device(x_local)
+    n_local, d = comm.num_rows(x_local), int(x_local.shape[1])
+    counts = torch.zeros(world, dtype=torch.int64)
+    counts[me] = n_local
+    counts = comm.all_reduce(counts, group).tolist()
+    quotas = init_quotas(counts, init_samples_per_rank, k)
+    offset = sum(quotas[:me])
+    chosen = np.random.default_rng([seed, 7]).choice(sum(quotas), size=k, replace=False)
+    slots = np.flatnonzero((chosen >= offset) & (chosen < offset + quotas[me]))
+    centroids = torch.zeros(k, d, dtype=torch.float32, device=device)
+    if len(slots):
+        subset = np.random.default_rng([seed, 11, me]).choice(n_local, size=quotas[me], replace=False)
+        rows = torch.from_numpy(subset[chosen[slots] - offset])
+        centroids[torch.from_numpy(slots).to(device)] = comm.take_rows(x_local, rows).to(device)
+    return comm.all_reduce(centroids, group)  # x + 0 + ... + 0 == x exactly: identical everywhere
+
+
+# ---------------------------------------------------------------- Lloyd
+
+
+def split_empty_clusters(centroids: torch.Tensor, counts: np.ndarray, rng: np.random.Generator) -> int:
+    """Give every empty cluster half of a big one (faiss's rule), in place; returns how many.
+
+    The cluster to split is drawn with probability proportional to (size - 1) and its centroid is
+    copied with a small symmetric perturbation to both. `counts` (global sizes) is updated assuming
+    an even split. Same counts + same generator state on every rank => the same result everywhere.
+    """
+    empty = np.flatnonzero(counts == 0)
+    if len(empty) == 0:
+        return 0
+    d = centroids.shape[1]
+    sign = torch.ones(d, dtype=centroids.dtype, device=centroids.device)
+    sign[1::2] = -1
+    for ci in empty:
+        weights = np.maximum(counts - 1, 0).astype(np.float64)
+        if weights.sum() == 0:  # every cluster has <= 1 row: fewer rows than clusters
+            raise ValueError(f"cannot re-split empty cluster {ci}: {int(counts.sum())} rows for {len(counts)} clusters")
+        cj = int(rng.choice(len(counts), p=weights / weights.sum()))
+        base = centroids[cj].clone()
+        centroids[ci] = base * (1 + SPLIT_EPS * sign)
+        centroids[cj] = base * (1 - SPLIT_EPS * sign)
+        counts[ci] = counts[cj] // 2
+        counts[cj] -= counts[ci]
+    return len(empty)
+
+
+def _pass(x_local, assigner, k: int, device: torch.device, chunk_rows: int, with_sums: bool):
+    """One E-step over the local rows: labels, float64 [sums (k*d) | counts (k) | objective (1)]."""
+    d = int(x_local.shape[1])
+    n_local = comm.num_rows(x_local)
+    labels = torch.empty(n_local, dtype=torch.int64)
+    sums = torch.zeros(k, d, dtype=torch.float64, device=device) if with_sums else None
+    partial = torch.zeros(k, d, dtype=torch.float32, device=device) if with_sums else None
+    counts = torch.zeros(k, dtype=torch.float64, device=device)
+    objective = torch.zeros(1, dtype=torch.float64, device=device)
+    for start, chunk in comm.row_chunks(x_local, chunk_rows, device):
+        dists, idx = assigner.assign(chunk)
+        idx = idx.to(device)
+        labels[start:start + len(idx)] = idx.cpu()
+        objective += dists.to(device).sum(dtype=torch.float64)
+        counts += torch.bincount(idx, minlength=k).double()
+        if with_sums:
+            # float32 sums per chunk (bounded rows), float64 across chunks and ranks
+            partial.zero_().index_add_(0, idx, chunk)
+            sums += partial
+    parts = ([sums.flatten()] if with_sums else []) + [counts, objective]
+    return labels, torch.cat(parts)
+
+
+def _global_count(x_local, group) -> int:
+    return int(comm.all_reduce(torch.tensor([comm.num_rows(x_local)], dtype=torch.int64), group).item())
+
+
+def kmeans(x_local, k: int, niter: int, seed: int, backend: str = "auto", group=None,
+           init_samples_per_rank: int = 10000, log: Optional[Callable[..., None]] = None,
+           init_centroids: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None) -> KMeansResult:
+    """Collective over `group`. x_local: [n_local, d] tensor/ndarray/memmap (n_local may be 0).
+
+    `log(iteration=, objective=, seconds=)` is called after every iteration on every rank, with the
+    global mean squared distance. `init_centroids` (identical on all ranks) replaces the seeded init.
+    """
+    if x_local.ndim != 2:
+        raise ValueError(f"kmeans expects [n, d] rows, got shape {tuple(x_local.shape)}")
+    if k < 1:
+        raise ValueError(f"k-means needs k >= 1, got k={k}")
+    n_total = _global_count(x_local, group)
+    if k > n_total:
+        raise ValueError(f"k-means with k={k} clusters needs at least k points, got n={n_total} over all ranks")
+    d = int(x_local.shape[1])
+    device = comm.data_device(x_local)
+    chunk_rows = chunk_rows or max(1, DATA_CHUNK_ELEMENTS // max(1, d))
+    if init_centroids is not None:
+        if tuple(init_centroids.shape) != (k, d):
+            raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}, expected {(k, d)}")
+        centroids = init_centroids.to(device=device, dtype=torch.float32).clone()
+    else:
+        centroids = initial_centroids(x_local, k, seed, init_samples_per_rank, group, device)
+    init = centroids.cpu().clone()
+    assigner = make_assigner(resolve_backend(backend, device), d, device)
+
+    objective, seconds, empty_resplit = [], [], 0
+    for it in range(niter if k > 1 else 0):  # k == 1: the centroid is the mean, no iteration
+        start = time.perf_counter()
+        assigner.set_centroids(centroids)
+        _, buf = _pass(x_local, assigner, k, device, chunk_rows, with_sums=True)
+        buf = comm.all_reduce(buf, group)
+        sums, counts, obj = buf[: k * d].view(k, d), buf[k * d: k * d + k], float(buf[-1].item())
+        nonempty = counts > 0
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).float()
+        counts_np = counts.cpu().numpy().astype(np.int64)
+        empty_resplit += split_empty_clusters(centroids, counts_np, np.random.default_rng([seed, 13, it]))
+        objective.append(obj)
+        seconds.append(time.perf_counter() - start)
+        if log is not None:
+            log(iteration=it, objective=obj / n_total, seconds=seconds[-1])
+    if k == 1:
+        assigner.set_centroids(centroids)
+        _, buf = _pass(x_local, assigner, 1, device, chunk_rows, with_sums=True)
+        buf = comm.all_reduce(buf, group)
+        centroids = (buf[:d] / buf[d]).float().view(1, d)
+
+    # bit-identical centroids everywhere, whatever the collectives' rounding did
+    centroids = comm.broadcast(centroids.contiguous(), group)
+    assigner.set_centroids(centroids)
+    labels, buf = _pass(x_local, assigner, k, device, chunk_rows, with_sums=False)
+    buf = comm.all_reduce(buf, group).cpu()
+    return KMeansResult(centroids=centroids.cpu(), assign_local=labels, objective=objective,
+                        final_objective=float(buf[-1].item()), sizes=buf[:k].round().long(),
+                        empty_resplit=empty_resplit, n_total=n_total, init_centroids=init,
+                        iteration_seconds=seconds)

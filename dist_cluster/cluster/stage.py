@@ -1,0 +1,214 @@
+"""The clustering stage of a round: features -> PCA-whitening -> hierarchical k-means -> labels.
+
+    state = run_clustering(feats, keys, cfg.cluster, round_idx, run_dir, logger, seed, prev=prev_state)
+    state.keys, state.super, state.sub     # this rank's images only, in the order given
+    state.sub_sizes, state.super_sizes     # global sizes ([k], [m]) for balancing
+
+Collective: every rank calls it with its own features. Nothing but k x d / D x D sized numbers and
+the routed rows of the level-2 step cross the network; labels stay on the rank that read the images.
+
+Writes RUN/clusters/round_<r>/ for resume and analysis (never read by other ranks during a run):
+  centroids_super.npy        [m, d] (rank 0)      pca.npz  mean/projection/eigenvalues (rank 0)
+  centroids_sub.<s>.npy      [k_s, d] (first rank of the group owning super-cluster s)
+  assignments.rank<i>.npz    keys, super, sub (every rank, its own images)
+  sizes.json, sizes.png      global sizes + histogram (rank 0)
+sizes.json is written last, after a barrier: its presence marks a complete round.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import distributed
+from ..logger import Timer
+from . import comm
+from .hierarchy import HierResult, hierarchical_kmeans
+from .nmi import distributed_nmi
+from .pca import fit_pca
+
+
+@dataclass
+class ClusterState:
+    keys: np.ndarray  # [n_local] str
+    super: np.ndarray  # [n_local] int64
+    sub: np.ndarray  # [n_local] int64, global sub-cluster ids (sub // (k // m) == super)
+    sub_sizes: np.ndarray  # [k] int64, global
+    super_sizes: np.ndarray  # [m] int64, global
+    round_idx: int
+    k: int
+    m: int
+
+
+def round_dir(run_dir, round_idx: int) -> Path:
+    return Path(run_dir) / "clusters" / f"round_{round_idx}"
+
+
+def _compute_device() -> torch.device:
+    try:
+        return distributed.env().device
+    except RuntimeError:  # no distributed.init(): a single CPU process (tools, notebooks)
+        return torch.device("cpu")
+
+
+def _whitened_buffer(n: int, dim: int, device: torch.device, cfg, round_idx: int):
+    """Where the whitened features live: GPU or RAM when they fit in memmap_gb, else a local memmap."""
+    if n * dim * 4 <= cfg.memmap_gb * 2**30:
+        return torch.empty(n, dim, dtype=torch.float32, device=device), None
+    path = Path(cfg.memmap_dir) / f"dist_cluster_white.round{round_idx}.rank{comm.group_rank()}.{os.getpid()}.f32"
+    return np.memmap(path, dtype=np.float32, mode="w+", shape=(n, dim)), path
+
+
+def _as_str_keys(keys) -> np.ndarray:
+    keys = np.asarray(keys)
+    return keys.astype(str) if keys.dtype.kind not in "U" else keys
+
+
+def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_dir, logger, seed: int,
+                   prev: Optional[ClusterState] = None) -> ClusterState:
+    """PCA -> level 1 -> route -> level 2 -> return, metrics events, round files. Collective."""
+    c = cfg_cluster
+    keys = _as_str_keys(keys_local)
+    if features_local.ndim != 2 or len(keys) != features_local.shape[0]:
+        raise ValueError(f"{len(keys)} keys for features of shape {tuple(features_local.shape)}: "
+                         "need one key per feature row")
+    device = _compute_device()
+    with Timer() as total:
+        if c.k == 1:  # RotNet: one cluster, nothing to fit
+            res = hierarchical_kmeans(torch.zeros(len(keys), 1), 1, 1, 0, seed)
+            pca = None
+        else:
+            pca, res = _pca_and_kmeans(features_local, c, round_idx, logger, seed, device)
+    state = ClusterState(keys=keys, super=res.super_local.numpy(), sub=res.sub_local.numpy(),
+                         sub_sizes=res.sub_sizes.numpy(), super_sizes=res.super_sizes.numpy(),
+                         round_idx=round_idx, k=c.k, m=c.m)
+    nmi = _nmi_with_prev(state, prev, c, seed)
+    _log_summary(logger, res, state, nmi, round_idx, total.seconds)
+    save_cluster_state(run_dir, state, res, pca)
+    return state
+
+
+def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device: torch.device):
+    with Timer() as timer:
+        pca = fit_pca(features_local, c.pca_dim, c.pca_eps, device=device)
+        buf, memmap_path = _whitened_buffer(features_local.shape[0], c.pca_dim, device, c, round_idx)
+        x = pca.apply(features_local, out=buf, device=device)
+    logger.event("pca", round=round_idx, seconds=timer.seconds, n=pca.count, dim=pca.dim,
+                 explained_variance=pca.explained_variance, floored=pca.n_floored,
+                 memmap=str(memmap_path or ""))
+
+    def log_iteration(level, super, iteration, objective, seconds):
+        logger.event("kmeans", round=round_idx, level=level, super=super, iteration=iteration,
+                     objective=objective, seconds=seconds)
+    try:
+        res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, c.backend, log=log_iteration,
+                                  init_samples_per_rank=c.init_samples_per_rank)
+    finally:
+        del x, buf
+        if memmap_path is not None:
+            memmap_path.unlink(missing_ok=True)
+    return pca, res
+
+
+def _nmi_with_prev(state: ClusterState, prev: Optional[ClusterState], c, seed: int) -> dict:
+    """NMI between the previous and this round's sub-clusters, over images present in both."""
+    have_prev = torch.tensor([0 if prev is None else 1], dtype=torch.int64)
+    if comm.all_reduce(have_prev, op=dist.ReduceOp.MIN).item() == 0:
+        return {"nmi_prev": None}  # first round (or a rank without history): skipped everywhere
+    _, i_prev, i_new = np.intersect1d(prev.keys, state.keys, return_indices=True)
+    unmatched = torch.tensor([len(state.keys) - len(i_new)], dtype=torch.int64)
+    nmi, pairs, sampled = distributed_nmi(prev.sub[i_prev], state.sub[i_new], seed=seed,
+                                          exact_max=c.nmi_exact_max, sample=c.nmi_sample)
+    return {"nmi_prev": nmi, "nmi_pairs": pairs, "nmi_sampled": sampled,
+            "nmi_unmatched": int(comm.all_reduce(unmatched).item())}
+
+
+def _stats(sizes: np.ndarray, prefix: str) -> dict:
+    return {f"{prefix}_min": int(sizes.min()), f"{prefix}_median": float(np.median(sizes)),
+            f"{prefix}_max": int(sizes.max()), f"{prefix}_empty": int((sizes == 0).sum())}
+
+
+def _log_summary(logger, res: HierResult, state: ClusterState, nmi: dict, round_idx: int, seconds: float):
+    names = ["level1", "route", "level2", "return"]
+    # the slowest rank sets the stage time, so report the max over ranks
+    walls = comm.all_reduce(torch.tensor([res.seconds[n] for n in names] + [seconds], dtype=torch.float64),
+                            op=dist.ReduceOp.MAX).tolist()
+    n = int(state.super_sizes.sum())
+    logger.event("kmeans", round=round_idx, summary=True, k=state.k, m=state.m, n=n,
+                 world=comm.group_size(), **{f"seconds_{name}": v for name, v in zip(names + ["total"], walls)},
+                 **_stats(state.sub_sizes, "size"), **_stats(state.super_sizes, "super_size"),
+                 empty_resplit=res.empty_resplit, clamped=len(res.clamped),
+                 objective_level1=res.objective_level1 / max(1, n), objective_level2=res.objective_level2 / max(1, n),
+                 **nmi)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary name and rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_cluster_state(run_dir, state: ClusterState, res: HierResult, pca=None) -> Path:
+    """Collective: each rank writes its own files; rank 0 writes sizes.json last."""
+    out = round_dir(run_dir, state.round_idx)
+    out.mkdir(parents=True, exist_ok=True)
+    rank = comm.group_rank()
+    if rank == 0:
+        _atomic(out / "centroids_super.npy", lambda f: np.save(f, res.centroids_super.numpy()))
+        if pca is not None:
+            _atomic(out / "pca.npz", lambda f: np.savez(f, **pca.state_dict()))
+    for s, centroids in res.centroids_sub.items():
+        if res.owners[s][0] == rank:
+            _atomic(out / f"centroids_sub.{s}.npy", lambda f: np.save(f, centroids.numpy()))
+    _atomic(out / f"assignments.rank{rank}.npz",
+            lambda f: np.savez(f, keys=state.keys, super=state.super, sub=state.sub))
+    comm.barrier()
+    if rank == 0:
+        _plot_sizes(out / "sizes.png", state)
+        meta = {"round": state.round_idx, "k": state.k, "m": state.m, "world_size": comm.group_size(),
+                "n": int(state.super_sizes.sum()), "sub_sizes": state.sub_sizes.tolist(),
+                "super_sizes": state.super_sizes.tolist(), "clamped": res.clamped,
+                "empty_resplit": res.empty_resplit}
+        _atomic(out / "sizes.json", lambda f: f.write(json.dumps(meta).encode()))
+    comm.barrier()  # when any rank returns, the round's files are complete
+    return out
+
+
+def _plot_sizes(path: Path, state: ClusterState) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    fig = Figure(figsize=(9, 3.5))
+    ax_sub, ax_super = fig.subplots(1, 2)
+    ax_sub.hist(state.sub_sizes, bins=50, log=True)
+    ax_sub.set(title=f"round {state.round_idx}: {state.k} sub-clusters", xlabel="images", ylabel="clusters")
+    ax_super.bar(np.arange(state.m), state.super_sizes)
+    ax_super.set(title=f"{state.m} super-clusters", xlabel="super-cluster", ylabel="images")
+    fig.tight_layout()
+    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=80))
+
+
+def load_cluster_state(run_dir, round_idx: int, rank: int) -> ClusterState:
+    """This rank's labels of a completed round (resume). Needs the same world size as when written."""
+    out = round_dir(run_dir, round_idx)
+    meta_path = out / "sizes.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"round {round_idx} has no complete clustering: {meta_path} is missing")
+    meta = json.loads(meta_path.read_text())
+    if not 0 <= rank < meta["world_size"]:
+        raise ValueError(f"rank {rank} asked for round {round_idx}, clustered with world size "
+                         f"{meta['world_size']}: resume with the same number of ranks")
+    with np.load(out / f"assignments.rank{rank}.npz", allow_pickle=False) as data:
+        keys, sup, sub = data["keys"], data["super"], data["sub"]
+    return ClusterState(keys=keys, super=sup, sub=sub, sub_sizes=np.asarray(meta["sub_sizes"], dtype=np.int64),
+                        super_sizes=np.asarray(meta["super_sizes"], dtype=np.int64),
+                        round_idx=round_idx, k=meta["k"], m=meta["m"])
