@@ -1,0 +1,38 @@
+"""Trunks: `build_trunk(cfg.model, cfg.data.image_size)`.
+
+Every trunk maps [B, 3, H, W] normalised RGB to [B, trunk.feature_dim] penultimate features
+(pre-ReLU, except ResNet-50 whose pooled features are post-ReLU by construction), and has
+`forward_blocks(x) -> list[Tensor]` with the conv block outputs named by `trunk.block_names`.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .smallvgg import SmallVGG
+from .sobel import Sobel
+from .torchvision_trunks import ResNet50, VGG16BN
+
+ARCHS = ("smallvgg", "vgg16_bn", "resnet50")
+
+
+def build_trunk(cfg_model, image_size: int) -> nn.Module:
+    """The trunk named by cfg_model.arch, with cfg_model.sobel; checks the image size.
+
+    cfg_model.feature_dim sets smallvgg's feature width only (vgg16_bn: 4096, resnet50: 2048).
+    """
+    arch = cfg_model.arch
+    if arch == "smallvgg":
+        trunk = SmallVGG(feature_dim=int(cfg_model.feature_dim), sobel=bool(cfg_model.sobel))
+    elif arch == "vgg16_bn":
+        trunk = VGG16BN(sobel=bool(cfg_model.sobel))
+    elif arch == "resnet50":
+        trunk = ResNet50(sobel=bool(cfg_model.sobel))
+    else:
+        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
+    if image_size < trunk.min_size:
+        raise ValueError(f"model.arch={arch} needs data.image_size >= {trunk.min_size} "
+                         f"(its pools/strides), got {image_size}")
+    return trunk
+
+
+__all__ = ["ARCHS", "build_trunk", "SmallVGG", "VGG16BN", "ResNet50", "Sobel"]
