@@ -25,6 +25,7 @@ import contextlib
 import functools
 import gzip
 import http.client
+import itertools
 import time
 import urllib.error
 import urllib.request
@@ -149,8 +150,11 @@ class YfccSource(Source):
 
     def __init__(self, metadata: str, images: Optional[str] = None, layout: str = "tree",
                  columns: YfccColumns = YfccColumns(), fetch: Optional[Callable[[str], bytes]] = None,
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, start: int = 0):
         super().__init__(limit)
+        if start < 0:
+            raise BuildError(f"start must be >= 0, got {start}")
+        self.start = start  # skip this many metadata lines first (job-array slices, shards/ingest.py)
         if layout not in LAYOUTS:
             raise BuildError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.metadata, self.layout, self.columns = str(Path(metadata).resolve()), layout, columns
@@ -166,7 +170,7 @@ class YfccSource(Source):
     def records(self) -> Iterator[Record]:
         cols = self.columns
         with open_text(Path(self.metadata)) as lines:
-            for count, line in enumerate(lines):
+            for count, line in enumerate(itertools.islice(lines, self.start, None)):
                 if self.limit is not None and count >= self.limit:
                     break
                 fields = line.rstrip("\r\n").split("\t")
@@ -210,4 +214,6 @@ class YfccSource(Source):
                      "layout": self.layout, "columns": asdict(self.columns)}
         if self.layout == "url":
             described["fetcher"] = _callable_name(self.fetch)
+        if self.start:  # only when set: unsliced builds keep their fingerprints (shard reuse)
+            described["start"] = self.start
         return described

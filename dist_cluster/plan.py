@@ -1,0 +1,374 @@
+"""Capacity planner: memory per rank, network and storage, and wall time of every stage of a run.
+
+    python -m dist_cluster.plan --images 96e6 --gpus 64                  # the paper's YFCC100M run
+    python -m dist_cluster.plan --images 60000 --gpus 2 --arch smallvgg --image-size 28 --k 100 \
+        --m 4 --feature-dim 512 --pca-dim 64 --batch 64 --epochs 10 --reassign 2 --json plan.json
+
+Pure arithmetic over the formulas below (`plan(PlanInputs) -> list[StageRow]`), per rank r of W,
+n = ceil(N / W) images per rank, D = feature dim, d = PCA dim, S = rotations x m heads:
+  EXTRACT  features n x D float32, in RAM, or a local memmap above cluster.memmap_gb (GiB)
+  PCA      all_reduce of D x D + D + 1 float64 moments; whitened n x d float32 on the GPU
+           (memmap when above memmap_gb); eigh workspace and D x d projection in float64
+  LEVEL1   per iteration: E-step n x m x d, all_reduce of m x d + m + 1 float64 over W ranks
+  ROUTE    all_to_all of the n x d whitened rows (received rows in RAM, plus the send copy)
+  LEVEL2   per iteration: E-step n x (k/m) x d, all_reduce of (k/m) x d + k/m + 1 float64
+           inside the group owning each super-cluster (W/m ranks, or one rank for W < m)
+  RETURN   all_to_all of n int64 labels; RUN/clusters/round_<r>/ written (keys, ids, centroids)
+  TRAIN    per step: DDP ring all_reduce of trunk + super-head gradients (float32), features
+           routed to the sub-head owners and gradients back (b x D float32 each way), sub-head
+           gradient all_reduce inside each head's group; checkpoints
+A ring all_reduce of B bytes over g ranks moves 2 (g - 1) / g x B per rank; times are bytes over
+the per-rank bandwidth plus work over the measured or assumed throughput (plan_costs.py), with
+DDP's all_reduce overlapped with backward and the routing collectives not. A collective inside
+a rank group that tiles the nodes (e.g. 4 ranks sharing a sub head on 8-GPU nodes) runs at NVLink
+speed, one spanning nodes at the network's. Throughputs come from bench/results/{loader,kmeans,
+train}.json when those were measured on the planned device (--bench-device, default cuda), else
+from documented defaults (plan_costs.py). Estimates, not promises: activations +-50 %, throughputs
+as good as their source (every run prints them with their source).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from .plan_costs import ArchCost, Rate, Rates, SAVED_COPIES, arch_cost, default_rates, measured_rates
+
+GiB = 2 ** 30
+E_STEP_CHUNK_ELEMENTS = 2 ** 24  # cluster/kmeans.py DATA_CHUNK_ELEMENTS: rows per E-step tile = this / d
+
+
+@dataclass
+class PlanInputs:
+    images: int
+    gpus: int
+    nodes: int = 0  # 0: gpus / 8, rounded up
+    image_size: int = 224
+    k: int = 320_000
+    m: int = 4
+    rotations: int = 4
+    feature_dim: int = 4096
+    pca_dim: int = 4096
+    batch: int = 48  # images per rank per step
+    epochs: int = 100
+    reassign: int = 3
+    arch: str = "vgg16_bn"
+    sobel: bool = True
+    niter: int = 10
+    all_rotations: bool = False  # every image in its 4 rotations: 4 x the rows per step
+    memmap_gb: float = 16.0  # cluster.memmap_gb (GiB): larger feature arrays go to local disk
+    bytes_per_image: float = 110e3  # stored JPEG (YFCC100M 'medium' photos, ~500 px: 80-150 kB)
+    key_chars: int = 11  # characters of a sample key (YFCC photo ids); assignment files store them
+    workers: int = 10  # loader workers per rank
+    bf16: bool = True  # activations in bf16 under autocast
+
+    def __post_init__(self):
+        self.images, self.gpus = int(self.images), int(self.gpus)
+        if self.images < 1 or self.gpus < 1:
+            raise ValueError(f"--images and --gpus must be >= 1, got {self.images}, {self.gpus}")
+        if self.k < self.m or self.k % self.m:
+            raise ValueError(f"k={self.k} must be a multiple of m={self.m}")
+        if self.images < self.gpus * self.batch:
+            raise ValueError(f"{self.images} images cannot give every one of {self.gpus} ranks a batch of {self.batch}")
+        self.nodes = self.nodes or math.ceil(self.gpus / 8)
+
+
+@dataclass
+class StageRow:
+    stage: str
+    gpu_bytes: float = 0.0  # per rank, accelerator memory resident during the stage
+    ram_bytes: float = 0.0  # per rank, host memory
+    disk_bytes: float = 0.0  # per rank, local scratch (memmaps)
+    net_bytes_step: float = 0.0  # per rank per training step
+    net_bytes_round: float = 0.0  # per rank per round
+    storage_bytes: float = 0.0  # shared storage written (whole run, all ranks)
+    read_bytes_round: float = 0.0  # per rank, shard bytes read per round
+    seconds_round: float = 0.0
+    notes: list = field(default_factory=list)
+
+
+def ring(nbytes: float, group: int) -> float:
+    """Bytes one rank sends in a ring all_reduce of `nbytes` over `group` ranks."""
+    return 2 * (group - 1) / group * nbytes if group > 1 else 0.0
+
+
+def group_bandwidth(p: PlanInputs, r: Rates, group: int, items: int = 1) -> float:
+    """Bytes/s per rank of a collective over one of the `items` contiguous rank groups of size
+    `group` (distributed.ownership): NVLink when the groups tile the nodes, the network otherwise."""
+    per_node = math.ceil(p.gpus / p.nodes)
+    inside = group <= per_node and per_node % group == 0 and p.gpus % items == 0 and p.gpus % per_node == 0
+    return r.intra_bytes_s.value if inside else r.net_bytes_s.value
+
+
+@dataclass
+class Shape:
+    """Derived sizes every stage uses."""
+    n: int  # images on the fullest rank
+    n_min: int  # images on the emptiest rank (sets the steps per epoch)
+    d: int
+    sub: int  # k / m sub-clusters per super-cluster
+    level2_group: int
+    supers_per_rank: int
+    heads: int
+    head_group: int
+    heads_per_rank: int
+    rows_per_step: int
+    steps: int
+    rounds: int
+    cost: ArchCost
+    act_bytes: int
+
+    @classmethod
+    def of(cls, p: PlanInputs, cost: ArchCost) -> "Shape":
+        W, S = p.gpus, p.rotations * p.m
+        rows = p.batch * (p.rotations if p.all_rotations else 1)
+        n_min = p.images // W
+        return cls(n=math.ceil(p.images / W), n_min=n_min, d=min(p.pca_dim, p.feature_dim),
+                   sub=p.k // p.m, level2_group=math.ceil(W / p.m) if W >= p.m else 1,
+                   supers_per_rank=math.ceil(p.m / W) if W < p.m else 1, heads=S,
+                   head_group=math.ceil(W / S) if W >= S else 1,
+                   heads_per_rank=math.ceil(S / W) if W < S else 1, rows_per_step=rows,
+                   steps=n_min // p.batch, rounds=math.ceil(p.epochs / p.reassign),
+                   cost=cost, act_bytes=2 if p.bf16 else 4)
+
+
+def _features(p: PlanInputs, s: Shape) -> tuple[float, float, str]:
+    """(RAM bytes, disk bytes, where) of the n x D float32 extracted features."""
+    nbytes = s.n * p.feature_dim * 4
+    return (nbytes, 0.0, "RAM") if nbytes <= p.memmap_gb * GiB else (0.0, nbytes, "local memmap")
+
+
+def _whitened(p: PlanInputs, s: Shape) -> tuple[float, float]:
+    """(GPU bytes, disk bytes) of the n x d whitened features."""
+    nbytes = s.n * s.d * 4
+    return (nbytes, 0.0) if nbytes <= p.memmap_gb * GiB else (0.0, nbytes)
+
+
+def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
+    W, D, d = p.gpus, p.feature_dim, s.d
+    bw = group_bandwidth(p, r, W)  # world collectives
+    bw2 = group_bandwidth(p, r, s.level2_group, p.m)
+    f_ram, f_disk, f_where = _features(p, s)
+    w_gpu, w_disk = _whitened(p, s)
+    routed = s.n * d * 4
+    extract = StageRow("extract", gpu_bytes=s.cost.params * 4 + p.batch * s.cost.max_act * s.act_bytes * 2,
+                       ram_bytes=f_ram, disk_bytes=f_disk, read_bytes_round=s.n * p.bytes_per_image,
+                       seconds_round=s.n / min(r.extract_img_s.value, r.loader_img_s.value),
+                       notes=[f"features {s.n} x {D} float32 in {f_where}"])
+    moments = (D * D + D + 1) * 8
+    pca_net = ring(moments, W) + (D * d + D + 2 * d + 1) * 8  # all_reduce, then the broadcast received
+    pca_flop = 2 * s.n * D * D + 2 * s.n * D * d + 10 * D ** 3
+    pca = StageRow("pca", gpu_bytes=moments + D * D * 8 + D * d * 8 + w_gpu, ram_bytes=f_ram,
+                   disk_bytes=f_disk + w_disk, net_bytes_round=pca_net,
+                   seconds_round=pca_flop / r.pca_flops.value + pca_net / bw,
+                   notes=[f"all_reduce {moments / 1e6:.1f} MB of float64 moments",
+                          f"whitened {s.n} x {d} on {'GPU' if w_gpu else 'local memmap'}"])
+    chunk = min(E_STEP_CHUNK_ELEMENTS // d, s.n)  # rows of one E-step distance tile
+    l1_net = p.niter * ring((p.m * d + p.m + 1) * 8, W)
+    level1 = StageRow("level1", gpu_bytes=w_gpu + p.m * d * 4 + (p.m * d + p.m + 1) * 8 + chunk * p.m * 4,
+                      ram_bytes=f_ram, disk_bytes=f_disk + w_disk, net_bytes_round=l1_net,
+                      seconds_round=p.niter * s.n * p.m * d * r.kmeans_s_pcd.value + l1_net / bw,
+                      notes=[f"{p.niter} iterations, m={p.m} over {W} ranks"])
+    route = StageRow("route", gpu_bytes=w_gpu, ram_bytes=f_ram + 2 * routed, disk_bytes=f_disk + w_disk,
+                     net_bytes_round=routed, seconds_round=routed / bw,
+                     notes=[f"all_to_all {routed / 1e9:.2f} GB per rank"])
+    sums = (s.sub * d + s.sub + 1) * 8
+    l2_net = p.niter * ring(sums, s.level2_group) * s.supers_per_rank
+    level2 = StageRow("level2", gpu_bytes=w_gpu + s.supers_per_rank * s.sub * d * 4 + sums + chunk * s.sub * 4,
+                      ram_bytes=f_ram + routed, disk_bytes=f_disk + w_disk, net_bytes_round=l2_net,
+                      seconds_round=p.niter * s.n * s.sub * d * r.kmeans_s_pcd.value + l2_net / bw2,
+                      notes=[f"k/m={s.sub} per super-cluster, groups of {s.level2_group} rank(s) "
+                          f"({'NVLink' if bw2 == r.intra_bytes_s.value else 'network'}), "
+                          f"{s.supers_per_rank} super-cluster(s) per rank"])
+    cluster_files = p.images * (16 + 4 * p.key_chars) + (p.k + p.m) * d * 4 + (D * d + D) * 8
+    ret = StageRow("return", ram_bytes=f_ram + routed, disk_bytes=f_disk, net_bytes_round=s.n * 8,
+                   storage_bytes=cluster_files * s.rounds, seconds_round=s.n * 8 / bw,
+                   notes=[f"RUN/clusters: {cluster_files / 1e9:.2f} GB per round (keys, labels, centroids)"])
+    rows = [extract, pca, level1, route, level2, ret]
+    if p.k == 1:  # RotNet: no extraction, no clustering
+        rows = [StageRow(row.stage, notes=["skipped: k = 1"]) for row in rows]
+    return rows
+
+
+def train_row(p: PlanInputs, s: Shape, r: Rates) -> StageRow:
+    D, W = p.feature_dim, p.gpus
+    bw, bw_head = group_bandwidth(p, r, W), group_bandwidth(p, r, s.head_group, s.heads)
+    replicated = s.cost.params + D * s.heads + s.heads  # trunk + super head (DDP)
+    head = (D * s.sub + s.sub) if s.sub > 1 else 0  # one sub head (none when k == m)
+    gpu = (replicated * 4 * 3 + s.cost.params * 4  # weights, grads, momentum; DDP buckets
+           + s.heads_per_rank * head * 4 * 4  # weights, grads, momentum, sync_grads' flat copy
+           + s.rows_per_step * s.cost.act_elems * s.act_bytes * SAVED_COPIES
+           + (s.rows_per_step * s.sub * 4 * 2 if head else 0))  # sub logits and their gradient
+    ddp = ring(replicated * 4, W)
+    routing = (2 * s.rows_per_step * D * 4 + s.rows_per_step * 2 * 8) if head else 0
+    head_sync = s.heads_per_rank * ring(head * 4, s.head_group)
+    compute = s.rows_per_step / r.train_rows_s.value
+    step_seconds = max(compute, ddp / bw) + routing / bw + head_sync / bw_head
+    checkpoint = replicated * 4 * 2 + s.heads * head * 4 * 2  # weights + momentum
+    return StageRow("train", gpu_bytes=gpu, ram_bytes=s.n * (16 + 4 * p.key_chars),
+                    net_bytes_step=ddp + routing + head_sync,
+                    net_bytes_round=(ddp + routing + head_sync) * s.steps * p.reassign,
+                    storage_bytes=checkpoint + replicated * 4 * 2 * s.rounds,
+                    read_bytes_round=s.n * p.bytes_per_image * p.reassign,
+                    seconds_round=step_seconds * s.steps * p.reassign,
+                    notes=[f"{s.steps} steps/epoch of {s.rows_per_step} rows, {step_seconds:.3f} s/step "
+                           f"({compute:.3f} compute)", f"{s.heads_per_rank} sub head(s) of {head / 1e6:.1f} M "
+                           f"params per rank, groups of {s.head_group} "
+                           f"({'NVLink' if bw_head == r.intra_bytes_s.value else 'network'})"])
+
+
+def plan(inputs: PlanInputs, rates: Optional[Rates] = None) -> list[StageRow]:
+    """One row per stage: extract, pca, level1, route, level2, return, train (per round)."""
+    cost = arch_cost(inputs.arch, inputs.image_size, inputs.sobel, inputs.feature_dim)
+    if cost.feature_dim != inputs.feature_dim:
+        raise ValueError(f"{inputs.arch} has {cost.feature_dim}-d features, not --feature-dim {inputs.feature_dim}")
+    rates = rates or default_rates(cost, math.ceil(inputs.gpus / inputs.nodes), inputs.workers)
+    shape = Shape.of(inputs, cost)
+    return clustering_rows(inputs, shape, rates) + [train_row(inputs, shape, rates)]
+
+
+def summary(inputs: PlanInputs, rows: list[StageRow]) -> dict:
+    """Totals of a plan: run time, peaks per rank and node, shared storage."""
+    s = Shape.of(inputs, arch_cost(inputs.arch, inputs.image_size, inputs.sobel, inputs.feature_dim))
+    per_node = math.ceil(inputs.gpus / inputs.nodes)
+    cluster_s = sum(r.seconds_round for r in rows if r.stage != "train")
+    train = rows[-1]
+    epoch_s = train.seconds_round / inputs.reassign
+    step_s = train.seconds_round / max(s.steps * inputs.reassign, 1)
+    return {"rounds": s.rounds, "steps_per_epoch": s.steps, "images_per_rank": s.n,
+            "seconds_total": s.rounds * cluster_s + inputs.epochs * epoch_s,
+            "seconds_cluster_per_round": cluster_s, "seconds_per_epoch": epoch_s,
+            "peak_gpu_bytes_per_rank": max(r.gpu_bytes for r in rows),
+            "peak_ram_bytes_per_node": max(r.ram_bytes for r in rows) * per_node,
+            "peak_disk_bytes_per_node": max(r.disk_bytes for r in rows) * per_node,
+            "shards_bytes": inputs.images * inputs.bytes_per_image,
+            "storage_bytes_total": inputs.images * inputs.bytes_per_image + sum(r.storage_bytes for r in rows),
+            # every step reads a fresh batch of images on every rank
+            "read_bytes_s_train": inputs.gpus * inputs.batch * inputs.bytes_per_image / max(step_s, 1e-12)}
+
+
+def predicted_smoke(cfg, world: int, num_samples: int) -> dict:
+    """What a run of `cfg` on `world` ranks over `num_samples` images should show, for the lead's
+    comparison with a measured smoke run (RUN/metrics.jsonl, RUN/checkpoints, RUN/clusters):
+    exact sizes (centroid arrays: add numpy's 128-byte .npy header) and plan estimates."""
+    c, d_cfg, t, m_cfg = cfg.cluster, cfg.data, cfg.train, cfg.model
+    # data.max_samples caps each rank's share (smoke runs)
+    images = min(num_samples, d_cfg.max_samples * world) if d_cfg.max_samples > 0 else num_samples
+    cost = arch_cost(m_cfg.arch, d_cfg.image_size, bool(m_cfg.sobel), int(m_cfg.feature_dim))
+    inputs = PlanInputs(images=images, gpus=world, nodes=1, image_size=d_cfg.image_size, k=c.k, m=c.m,
+                        rotations=t.rotations, feature_dim=cost.feature_dim, pca_dim=c.pca_dim,
+                        batch=d_cfg.batch_size, epochs=t.epochs, reassign=t.reassign, arch=m_cfg.arch,
+                        sobel=bool(m_cfg.sobel), niter=c.niter, all_rotations=bool(t.all_rotations),
+                        memmap_gb=c.memmap_gb, workers=d_cfg.num_workers, bf16=False)
+    rows = {r.stage: r for r in plan(inputs)}
+    s = Shape.of(inputs, cost)
+    cap = OmegaConf.select(cfg, "train.max_steps_per_epoch", default=0) or 0  # a key smoke configs may set
+    steps = min(s.steps, cap) if cap > 0 else s.steps
+    return {"rounds": s.rounds, "steps_per_epoch": steps, "images_per_rank_max": s.n,
+            "trunk_params": cost.params, "super_head_params": cost.feature_dim * s.heads + s.heads,
+            "sub_head_params": cost.feature_dim * s.sub + s.sub if s.sub > 1 else 0,
+            "features_bytes_per_rank": s.n * cost.feature_dim * 4,
+            "centroids_super_bytes": c.m * s.d * 4, "centroids_sub_bytes_each": s.sub * s.d * 4,
+            "pca_net_bytes_per_rank": rows["pca"].net_bytes_round,
+            "level1_net_bytes_per_rank": rows["level1"].net_bytes_round,
+            "level2_net_bytes_per_rank": rows["level2"].net_bytes_round,
+            "route_bytes_per_rank": rows["route"].net_bytes_round,
+            "train_net_bytes_per_step": rows["train"].net_bytes_step,
+            "checkpoint_replicated_bytes": (cost.params + cost.feature_dim * s.heads + s.heads) * 4 * 2}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _fmt_bytes(value: float, unit: float) -> str:
+    return "-" if value == 0 else f"{value / unit:,.2f}"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds == 0:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def format_table(inputs: PlanInputs, rows: list[StageRow], rates: Rates, bench_notes: tuple = ()) -> str:
+    head = ["stage", "GPU GiB", "RAM GiB", "disk GiB", "net/step GB", "net/round GB", "storage GB", "time/round"]
+    body = [[r.stage, _fmt_bytes(r.gpu_bytes, GiB), _fmt_bytes(r.ram_bytes, GiB), _fmt_bytes(r.disk_bytes, GiB),
+             _fmt_bytes(r.net_bytes_step, 1e9), _fmt_bytes(r.net_bytes_round, 1e9),
+             _fmt_bytes(r.storage_bytes, 1e9), _fmt_seconds(r.seconds_round)] for r in rows]
+    widths = [max(len(str(line[i])) for line in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in [head] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    total = summary(inputs, rows)
+    lines += ["", f"{inputs.images:,} images, {inputs.gpus} GPUs on {inputs.nodes} nodes, {inputs.arch} "
+              f"{inputs.image_size}px, k={inputs.k}, m={inputs.m}, {inputs.rotations} rotations, "
+              f"{total['rounds']} rounds x {inputs.reassign} epochs",
+              f"total {_fmt_seconds(total['seconds_total'])}: {_fmt_seconds(total['seconds_per_epoch'])} per epoch,"
+              f" {_fmt_seconds(total['seconds_cluster_per_round'])} extract+cluster per round",
+              f"per node: RAM {total['peak_ram_bytes_per_node'] / GiB:,.1f} GiB, local disk "
+              f"{total['peak_disk_bytes_per_node'] / GiB:,.1f} GiB; shards {total['shards_bytes'] / 1e12:,.2f} TB, "
+              f"shared storage {total['storage_bytes_total'] / 1e12:,.2f} TB, training reads "
+              f"{total['read_bytes_s_train'] / 1e9:,.2f} GB/s", "", "notes:"]
+    lines += [f"  {r.stage}: {note}" for r in rows for note in r.notes]
+    lines += ["throughputs:"] + [f"  {name} = {v['value']:.4g} ({v['source']})" for name, v in rates.sources().items()]
+    lines += [f"  {note}" for note in bench_notes]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fields = PlanInputs.__dataclass_fields__
+    for name in ("images", "gpus"):
+        parser.add_argument(f"--{name}", type=float, required=True)
+    for name in ("nodes", "image_size", "k", "m", "rotations", "feature_dim", "pca_dim", "batch", "epochs",
+                 "reassign", "niter", "workers", "key_chars"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=fields[name].default)
+    for name in ("memmap_gb", "bytes_per_image"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=fields[name].default)
+    parser.add_argument("--arch", default=fields["arch"].default, choices=("vgg16_bn", "resnet50", "smallvgg"))
+    parser.add_argument("--no-sobel", action="store_true")
+    parser.add_argument("--all-rotations", action="store_true")
+    parser.add_argument("--fp32", action="store_true", help="activations in float32 (no bf16 autocast)")
+    parser.add_argument("--bench", default="bench/results", help="measured throughputs (loader/kmeans/train.json)")
+    parser.add_argument("--bench-device", default="cuda", choices=("cuda", "cpu"),
+                        help="the device the planned run uses: k-means and train measurements made on "
+                             "another device are not used")
+    parser.add_argument("--train-img-s", type=float, help="override: training rows/s per GPU")
+    parser.add_argument("--loader-img-s", type=float, help="override: loader img/s per rank")
+    parser.add_argument("--net-gb-s", type=float, help="override: GB/s per rank between nodes")
+    parser.add_argument("--nvlink-gb-s", type=float, help="override: GB/s per rank inside a node")
+    parser.add_argument("--json", help="write the plan here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    names = {f.name for f in PlanInputs.__dataclass_fields__.values()}
+    values = {k: v for k, v in vars(args).items() if k in names - {"sobel", "all_rotations", "bf16"}}
+    inputs = PlanInputs(**values, sobel=not args.no_sobel, all_rotations=args.all_rotations, bf16=not args.fp32)
+    cost = arch_cost(inputs.arch, inputs.image_size, inputs.sobel, inputs.feature_dim)
+    rates = default_rates(cost, math.ceil(inputs.gpus / inputs.nodes), inputs.workers)
+    rates, bench_notes = measured_rates(rates, args.bench, inputs.workers, inputs.image_size, args.bench_device)
+    for flag, name, scale in (("train_img_s", "train_rows_s", 1), ("loader_img_s", "loader_img_s", 1),
+                              ("net_gb_s", "net_bytes_s", 1e9), ("nvlink_gb_s", "intra_bytes_s", 1e9)):
+        if getattr(args, flag) is not None:
+            rates = replace(rates, **{name: Rate(getattr(args, flag) * scale, f"--{flag.replace('_', '-')}")})
+    rows = plan(inputs, rates)
+    print(format_table(inputs, rows, rates, bench_notes))
+    result = {"inputs": asdict(inputs), "stages": [asdict(r) for r in rows], "summary": summary(inputs, rows),
+              "rates": rates.sources(), "bench_notes": bench_notes}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""SLURM through submitit: requeueable jobs, the sbatch script they become, sweeps as job arrays.
+
+    python launch/submit.py --config configs/yfcc_vgg16.yaml --nodes 8 --gpus-per-node 8 \
+        --partition learnfair run_dir=/checkpoint/$USER/yfcc
+    python launch/submit.py ... --dry-run        # print the sbatch script, submit nothing
+
+One SLURM task per GPU (`--ntasks-per-node=G --gpus-per-node=G`); every task runs `Trainer()` in
+its own process, which exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from submitit's
+JobEnvironment and then goes through `distributed.session` like `torchrun` or `srun python
+launch/train.py` would.
+
+Preemption and time limits, as submitit 1.5.4 does them (read in its source):
+- The sbatch line `--signal=USR2@<delay>` comes from `slurm_signal_delay_s` (default here 120 s):
+  `slurm/slurm.py::_make_sbatch_string` writes `f"{JobEnvironment.USR_SIG}@{signal_delay_s}"`, and
+  `core/job_environment.py` sets `USR_SIG = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")`
+  (its comment: NCCL may catch USR1, the signal the original DeeperCluster code relied on).
+- On USR2, task 0 calls the job's `checkpoint()`, pickles the DelayedSubmission it returns over
+  the job's pickle, runs `scontrol requeue` and exits; the other tasks only log, and die with the
+  job. A preemption does not count against `max_num_timeout`; a time-out does (submitit calls it
+  a time-out when the job has run past min(80 %, limit - 10 min) of its time limit).
+- The requeued job builds `Trainer(config, overrides)` afresh: the trainer itself resumes from
+  RUN/checkpoints/last.pt, so nothing but the constructor arguments travels through the pickle.
+  Steps since the last periodic checkpoint (train.ckpt_every_steps) are redone.
+
+`LocalExecutor` (tests): tasks get SUBMITIT_LOCAL_* variables and the controller restarts them
+when a task exits with submitit's requeue code. Its `LocalJob._interrupt()` (no `timeout`
+argument in 1.5.4, unlike `SlurmJob._interrupt(timeout=...)`) signals the controller process,
+which has no USR2 handler; to simulate a preemption locally, signal the task process itself.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import Mapping, MutableMapping, Optional, Sequence
+
+import submitit
+from submitit.helpers import DelayedSubmission
+
+DEFAULT_SIGNAL_DELAY_S = 120  # USR2 this long before the kill: time to requeue (checkpoints are periodic)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+class ResumableJob:
+    """A submitit job whose state lives on disk: `checkpoint()` resubmits a NEW instance built
+    with the same constructor arguments, called with the same arguments, which resumes from disk.
+
+    Subclasses implement `__call__`; the constructor arguments are captured by `__new__`, so a
+    subclass needs no bookkeeping of its own. Nothing held in memory is pickled for the requeue.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        job = super().__new__(cls)
+        job._init_args = (args, dict(kwargs))
+        return job
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
+        init_args, init_kwargs = self._init_args
+        return DelayedSubmission(type(self)(*init_args, **init_kwargs), *args, **kwargs)
+
+
+class Trainer(ResumableJob):
+    """`python launch/train.py --config CONFIG OVERRIDES... EXTRA...`, in-process, requeueable.
+
+    `extra` holds per-array-task overrides (sweeps); the imports are lazy so that pickling and
+    submitting need neither torch nor the training code.
+    """
+
+    def __init__(self, config: Optional[str], overrides: Sequence[str] = ()):
+        self.config = config
+        self.overrides = list(overrides)
+
+    def __call__(self, extra: Sequence[str] = ()) -> str:
+        export_dist_env()
+        from dist_cluster import distributed
+        from dist_cluster.config import load_config, save_config
+        cfg = load_config(self.config, [*self.overrides, *extra])
+        with distributed.session(cfg.dist):
+            from dist_cluster.rounds import Run  # after init: the run builds process groups
+            if distributed.is_main():
+                save_config(cfg, cfg.run_dir)
+            Run(cfg).run()
+        return str(cfg.run_dir)
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+def master_port(job_id: str) -> int:
+    """The same port on every task of a job, without talking: 20000 + id % 20000, like
+    distributed.detect_ranks does for SLURM_JOB_ID (ids that are not numbers are hashed)."""
+    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    return 20000 + number % 20000
+
+
+def export_dist_env(environ: Optional[MutableMapping[str, str]] = None) -> tuple[int, int, int]:
+    """Inside a submitit task: export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT so that
+    distributed.init() takes its torchrun path, for SLURM and the local executor alike.
+
+    Returns (rank, world_size, local_rank). Variables already set (a torchrun inside the job) win.
+    Outside a submitit job it does nothing and returns the single-process answer.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if not env.get("SUBMITIT_EXECUTOR"):
+        return 0, 1, 0
+    job = submitit.JobEnvironment()
+    # the local executor reports the machine's hostname, which may not resolve: use loopback
+    master = job.hostnames[0] if job.cluster == "slurm" else "127.0.0.1"
+    env.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
+    env.setdefault("MASTER_ADDR", master)
+    env.setdefault("MASTER_PORT", str(master_port(job.raw_job_id)))
+    return job.global_rank, job.num_tasks, job.local_rank
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+def slurm_parameters(nodes: int = 1, gpus_per_node: int = 0, tasks_per_node: Optional[int] = None,
+                     time_min: int = 4320, cpus_per_task: Optional[int] = None,
+                     mem_gb: Optional[float] = None, partition: Optional[str] = None,
+                     constraint: Optional[str] = None, account: Optional[str] = None,
+                     qos: Optional[str] = None, signal_delay_s: int = DEFAULT_SIGNAL_DELAY_S,
+                     job_name: str = "dist_cluster", setup: Sequence[str] = (),
+                     srun_args: Sequence[str] = (), array_parallelism: Optional[int] = None) -> dict:
+    """AutoExecutor.update_parameters arguments: generic names plus `slurm_` ones.
+
+    tasks_per_node defaults to one task per GPU (one per node without GPUs); mem_gb is per node.
+    """
+    if nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {nodes}")
+    if gpus_per_node < 0:
+        raise ValueError(f"--gpus-per-node must be >= 0, got {gpus_per_node}")
+    if signal_delay_s < 1:
+        raise ValueError(f"--signal-delay-s must be >= 1, got {signal_delay_s}")
+    params = dict(name=job_name, nodes=nodes, tasks_per_node=tasks_per_node or max(gpus_per_node, 1),
+                  timeout_min=int(time_min), slurm_signal_delay_s=int(signal_delay_s))
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if cpus_per_task:
+        params["cpus_per_task"] = int(cpus_per_task)
+    if mem_gb:
+        params["mem_gb"] = mem_gb
+    optional = dict(partition=partition, constraint=constraint, account=account, qos=qos,
+                    array_parallelism=array_parallelism)
+    params.update({f"slurm_{k}": v for k, v in optional.items() if v is not None})
+    if setup:
+        params["slurm_setup"] = list(setup)
+    if srun_args:
+        params["slurm_srun_args"] = list(srun_args)
+    return params
+
+
+def make_executor(folder: str | Path, params: Mapping, cluster: str = "slurm",
+                  max_num_timeout: int = 3, python: Optional[str] = None) -> submitit.AutoExecutor:
+    """An AutoExecutor for `cluster` ("slurm", or "local"/"debug" on this machine) with `params`.
+
+    The cluster is never guessed: AutoExecutor's own guess falls back to running the job on this
+    machine when `srun` is missing, which on a laptop would silently start the training.
+    """
+    kwargs = {"slurm_max_num_timeout": max_num_timeout}
+    if python:
+        kwargs["slurm_python"] = python
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, **kwargs)
+    except RuntimeError as err:  # no srun: not on a SLURM login node
+        raise RuntimeError(f"{err} Use --dry-run to see the sbatch script, or --cluster local to run "
+                           f"the job on this machine.") from None
+    if executor.cluster == "local":
+        # the local executor knows neither SLURM-only names nor more than one node
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_") and k != "nodes"}
+    executor.update_parameters(**params)
+    return executor
+
+
+class _ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+    """A SlurmExecutor that can be built where `srun` is missing; used only to render scripts."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def render_sbatch(folder: str | Path, params: Mapping, array_size: Optional[int] = None,
+                  python: Optional[str] = None) -> str:
+    """The sbatch script submitit would submit for `params`, without submitting anything.
+
+    Translates the generic names the way AutoExecutor does (`_convert_parameters`: timeout_min ->
+    time, tasks_per_node -> ntasks_per_node, mem_gb -> mem, name -> job_name), lets the `slurm_`
+    names win, then asks submitit's own `_make_submission_file_text`. `array_size` renders the
+    `--array` line a `map_array` of that many calls gets.
+    """
+    executor = _ScriptOnlySlurmExecutor(str(folder), python=python)
+    generic = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    native = executor._convert_parameters(generic)
+    native.update({k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
+    executor.update_parameters(**native)
+    if array_size:
+        executor.parameters["map_count"] = int(array_size)
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_.=-]")
+
+
+def parse_sweep(spec: str) -> tuple[str, list[str]]:
+    """'cluster.k=1000,10000' -> ('cluster.k', ['1000', '10000'])."""
+    key, sep, values = spec.partition("=")
+    items = [v.strip() for v in values.split(",")] if sep else []
+    if not key or not items or any(not v for v in items):
+        raise ValueError(f"--sweep {spec!r} must be key=v1,v2,... with non-empty values")
+    return key.strip(), items
+
+
+def sweep_points(specs: Sequence[str], base_run_dir: str) -> list[list[str]]:
+    """Overrides of every array task: the cartesian product of the sweeps, each task with its own
+    run_dir `BASE/<key>=<value>[,<key>=<value>...]` unless the sweep sets run_dir itself."""
+    parsed = [parse_sweep(s) for s in specs]
+    keys = [k for k, _ in parsed]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--sweep names a key twice: {keys}")
+    points = []
+    for values in itertools.product(*(v for _, v in parsed)):
+        overrides = [f"{k}={v}" for k, v in zip(keys, values)]
+        if "run_dir" not in keys:
+            slug = ",".join(_SLUG_UNSAFE.sub("_", o) for o in overrides)
+            overrides.append(f"run_dir={Path(base_run_dir) / slug}")
+        points.append(overrides)
+    return points
