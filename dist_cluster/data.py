@@ -1,0 +1,453 @@
+"""Streaming reader for WebDataset shards: each rank reads its own fixed shards, nobody else's.
+
+    loader = ShardLoader("data/fmnist/train", rank, world, batch_size=64, num_workers=2,
+                         transform=train_transform(28, 0.5), seed=0, epoch=e, shuffle=True,
+                         equal_steps=True, skip_batches=resume_step)
+    for images, keys, labels in loader:   # FloatTensor[B,3,H,W], list[str], LongTensor[B] (-1: no labels)
+        ...
+    log(reduce_stats(loader.stats))       # counts of corrupt / lost / refilled samples, summed over ranks
+
+Plan (from the manifest alone, identical on every rank, independent of the epoch): shards go to
+ranks greedily (largest first to the least-loaded rank), then the same way to the rank's DataLoader
+workers; worker w reads only its own shards. Inside a worker: shards (shuffled per epoch) -> raw
+samples -> shuffle buffer -> resume skip (raw bytes, nothing decoded) -> decode + transform ->
+batch. Batch i of the epoch comes from worker i % W while every worker still has batches (the
+DataLoader's round robin), which is what `_batch_owners` replays to resume mid-epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import math
+import random
+import tarfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
+
+from .manifest import Manifest, ShardInfo, load_manifest
+
+STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_truncated",
+             "refilled", "skipped_resume")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # jpeg, png, gif (+ webp below)
+
+# ---------------------------------------------------------------- the plan (manifest only)
+
+
+def _greedy_bins(sizes: list[int], bins: int, min_items: int) -> list[list[int]]:
+    """Indices of `sizes` per bin: largest first to the least-loaded bin (ties: lowest bin).
+
+    Every bin gets at least `min_items` items (caller checks len(sizes) >= bins * min_items):
+    once the items left are just enough to fill the bins still short, only those bins take them.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    heap = [(0, b) for b in range(bins)]
+    out: list[list[int]] = [[] for _ in range(bins)]
+    deficit = bins * min_items
+    for pos, item in enumerate(order):
+        forced = len(order) - pos <= deficit
+        load, b = heapq.heappop(heap)
+        while forced and len(out[b]) >= min_items:  # b has enough; it takes nothing more
+            load, b = heapq.heappop(heap)
+        out[b].append(item)
+        deficit -= len(out[b]) <= min_items
+        heapq.heappush(heap, (load + sizes[item], b))
+    return [sorted(b) for b in out]
+
+
+def _check_enough_shards(manifest: Manifest, world: int, num_workers: int) -> None:
+    readers = world * max(1, num_workers)
+    if len(manifest.shards) < readers:
+        raise ValueError(
+            f"{manifest.name}: {len(manifest.shards)} shards for {world} ranks x {max(1, num_workers)} "
+            f"loader workers = {readers} readers; every reader needs at least one shard. Build more, "
+            f"smaller shards (shards/build.py) or lower data.num_workers "
+            f"(at most {max(len(manifest.shards) // world, 0)} here).")
+
+
+def _rank_shard_indices(manifest: Manifest, world: int, num_workers: int) -> list[list[int]]:
+    _check_enough_shards(manifest, world, num_workers)
+    return _greedy_bins([s.num_samples for s in manifest.shards], world, max(1, num_workers))
+
+
+def _split_workers(manifest: Manifest, indices: list[int], num_workers: int) -> list[list[ShardInfo]]:
+    sizes = [manifest.shards[i].num_samples for i in indices]
+    return [[manifest.shards[indices[j]] for j in b] for b in _greedy_bins(sizes, max(1, num_workers), 1)]
+
+
+def assign_shards(manifest: Manifest, rank: int, world: int, num_workers: int) -> list[ShardInfo]:
+    """This rank's shards (manifest order): fixed, disjoint across ranks, balanced by samples."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world size {world}")
+    return [manifest.shards[i] for i in _rank_shard_indices(manifest, world, num_workers)[rank]]
+
+
+def read_plan(manifest: Manifest, rank: int, world: int, num_workers: int,
+              max_samples: int = 0) -> list[list[tuple[str, int]]]:
+    """Per loader worker of this rank: [(shard name, samples to read from it)].
+
+    max_samples > 0 keeps a fixed subset (the first samples of each worker's shards, its even share
+    of max_samples), the same whatever the epoch or shuffle: extraction and training see the same keys.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world size {world}")
+    indices = _rank_shard_indices(manifest, world, num_workers)[rank]
+    workers = _split_workers(manifest, indices, num_workers)
+    plans = []
+    for w, shards in enumerate(workers):
+        budget = math.inf
+        if max_samples > 0:
+            budget = max_samples // len(workers) + (w < max_samples % len(workers))
+        plan = []
+        for shard in shards:
+            take = int(min(shard.num_samples, budget))
+            if take > 0:
+                plan.append((shard.name, take))
+            budget -= take
+        plans.append(plan)
+    return plans
+
+
+def steps_per_epoch(manifest: Manifest, world: int, batch_size: int, num_workers: int,
+                    max_samples: int = 0) -> int:
+    """Full batches every rank can take this epoch: min over ranks of sum over its workers of
+    (worker samples // batch_size). Batches are built inside workers, so that is what a rank can
+    give without mixing workers; it equals (rank samples // batch_size) when worker counts divide."""
+    per_rank = []
+    for rank in range(world):
+        plans = read_plan(manifest, rank, world, num_workers, max_samples)
+        per_rank.append(sum(sum(t for _, t in p) // batch_size for p in plans))
+    steps = min(per_rank)
+    if steps == 0:
+        worst = per_rank.index(0)
+        raise ValueError(f"{manifest.name}: rank {worst} of {world} gets no full batch of {batch_size} "
+                         f"per epoch ({manifest.num_samples} samples, {num_workers} workers per rank): "
+                         f"lower data.batch_size or data.num_workers, or use more data / fewer ranks")
+    return steps
+
+
+def _worker_quotas(capacities: list[int], steps: int) -> list[int]:
+    """Batches per worker summing to `steps`: round robin (batch i from worker i % W) where every
+    worker can give its share, else the excess moves to the workers with the most room left."""
+    n = len(capacities)
+    quotas = [len(range(w, steps, n)) for w in range(n)]
+    excess = sum(max(0, q - c) for q, c in zip(quotas, capacities))
+    quotas = [min(q, c) for q, c in zip(quotas, capacities)]
+    while excess > 0:
+        w = max(range(n), key=lambda i: (capacities[i] - quotas[i], -i))
+        quotas[w] += 1
+        excess -= 1
+    return quotas
+
+
+def _batch_owners(counts: list[int]) -> list[int]:
+    """Worker of each batch in DataLoader order: round robin over the workers that still have batches."""
+    left, owners = list(counts), []
+    while any(left):
+        for w in range(len(left)):
+            if left[w]:
+                owners.append(w)
+                left[w] -= 1
+    return owners
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _split_name(name: str) -> tuple[Optional[str], str]:
+    """'dir/abc.seg.png' -> ('dir/abc', 'seg.png'): the WebDataset rule, key up to the first dot."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None, ""
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def read_tar(path: str, take: int, stats: dict) -> Iterator[dict]:
+    """The first `take` complete samples of one tar, as {'__key__': key, ext: bytes}.
+
+    A tar that ends early (cut file, bad header, missing file) is survived: the samples before the cut
+    are yielded, the partial one at the cut is dropped, and `take - yielded` is counted as lost.
+    """
+    yielded, pending, clean = 0, None, True
+    try:
+        with open(path, "rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member in tar:
+                key, ext = _split_name(member.name)
+                if not member.isreg() or key is None:
+                    continue
+                if pending is not None and key != pending["__key__"]:
+                    yield pending
+                    yielded, pending = yielded + 1, None
+                    if yielded >= take:
+                        return
+                pending = pending or {"__key__": key}
+                pending[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        clean = False
+        warnings.warn(f"{path}: unreadable after {yielded} samples ({err!r}); rest of the shard skipped")
+    if pending is not None and clean and yielded < take:
+        yield pending
+        yielded += 1
+    if yielded < take:  # tarfile ends silently at a cut between members: the manifest count tells
+        stats["truncated_shards"] += 1
+        stats["lost_truncated"] += take - yielded
+
+
+def _seed64(*parts) -> int:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _image_bytes(sample: dict) -> Optional[bytes]:
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+
+
+def _parse_label(sample: dict, has_labels: bool) -> Optional[int]:
+    if not has_labels:
+        return -1
+    try:
+        return int(sample["cls"].decode("ascii").strip())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def looks_decodable(sample: dict, has_labels: bool) -> bool:
+    """The checks of decode_sample short of decoding pixels: image member with a known signature,
+    a valid label. Resume skips with it, so a skipped prefix drops the same corrupt samples as a
+    full read, except images with a valid header and a broken body (seen only by decoding)."""
+    data = _image_bytes(sample)
+    if data is None or _parse_label(sample, has_labels) is None:
+        return False
+    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def decode_sample(sample: dict, has_labels: bool) -> Optional[tuple[torch.Tensor, int]]:
+    """(uint8 RGB [3,H,W], label) or None for a corrupt sample (no image, undecodable, bad .cls)."""
+    if not looks_decodable(sample, has_labels):
+        return None
+    label = _parse_label(sample, has_labels)
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            raw = torch.frombuffer(bytearray(_image_bytes(sample)), dtype=torch.uint8)
+            image = decode_image(raw, mode=ImageReadMode.RGB)
+    except Exception:  # noqa: BLE001 - any failure here is a property of the sample: counted skip
+        return None
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image, label
+
+
+class _WorkerReader:
+    """Pipeline stage run by each DataLoader worker on its own slot of the plan: yields batches.
+
+    A class, not a closure, so the pipeline also pickles under the spawn start method; the
+    counters are a shared-memory tensor, so the main process sees every worker's counts.
+    """
+
+    def __init__(self, cfg: dict, transform: Optional[Callable], counters: torch.Tensor):
+        self.cfg, self.transform, self.counters = cfg, transform, counters
+
+    def __call__(self, slots: Iterator[dict]) -> Iterator[tuple]:
+        for slot in slots:  # exactly one: wds.split_by_worker kept this worker's slot
+            stats = dict.fromkeys(STAT_KEYS, 0)
+            try:
+                yield from self._batches(slot, stats)
+            finally:
+                self._flush(slot["worker"], stats)
+
+    def _flush(self, worker: int, stats: dict) -> None:
+        self.counters[worker] = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.int64)
+
+    def _raw_pass(self, slot: dict, pass_index: int, stats: dict) -> Iterator[dict]:
+        c, plan = self.cfg, list(slot["plan"])
+        seeds = (c["seed"], c["epoch"], c["rank"], slot["worker"], pass_index)
+        if c["shuffle"]:
+            random.Random(_seed64("shards", *seeds)).shuffle(plan)
+        samples = (s for name, take in plan for s in read_tar(str(Path(c["root"]) / name), take, stats))
+        if c["shuffle"] and c["shuffle_buffer"] > 1:
+            buffer = c["shuffle_buffer"]
+            samples = wds.shuffle(buffer, buffer, rng=random.Random(_seed64("buffer", *seeds)))(samples)
+        for sample in samples:
+            sample["__pass__"] = pass_index
+            yield sample
+
+    def _raw_stream(self, slot: dict, stats: dict) -> Iterator[dict]:
+        """Pass 0 of the worker's shards, then (equal_steps only) more passes while batches are owed."""
+        passes = range(1 << 30) if self.cfg["equal_steps"] else range(1)
+        for pass_index in passes:
+            count = 0
+            for sample in self._raw_pass(slot, pass_index, stats):
+                count += 1
+                yield sample
+            if count == 0 and self.cfg["equal_steps"]:
+                raise RuntimeError(f"rank {self.cfg['rank']} worker {slot['worker']}: no readable sample in "
+                                   f"{[n for n, _ in slot['plan']]}; cannot fill {slot['quota']} batches")
+
+    def _good_samples(self, raw: Iterator[dict], stats: dict) -> Iterator[tuple]:
+        c, last_good_pass = self.cfg, None
+        in_main = get_worker_info() is None
+        for sample in raw:
+            if last_good_pass is None:
+                last_good_pass = sample["__pass__"] - 1
+            if sample["__pass__"] > last_good_pass + 1:  # a whole pass without one good sample
+                raise RuntimeError(f"rank {c['rank']}: a full pass over a worker's shards gave no decodable "
+                                   f"sample ({stats['skipped_corrupt']} corrupt); cannot fill the epoch")
+            decoded = decode_sample(sample, c["has_labels"])
+            stats["decoded"] += 1
+            if decoded is None:
+                stats["skipped_corrupt"] += 1
+                continue
+            last_good_pass = sample["__pass__"]
+            image, label = decoded
+            if self.transform is not None:
+                # augmentations are a function of (seed, epoch, key, pass), so a resumed epoch repeats
+                # them; in the main process (num_workers=0) the caller's global RNG is left as it was
+                with torch.random.fork_rng(devices=[]) if in_main else contextlib.nullcontext():
+                    key_seed = _seed64(c["seed"], c["epoch"], sample["__key__"], sample["__pass__"])
+                    torch.default_generator.manual_seed(key_seed)  # 1 us; torch.manual_seed: 150 us
+                    image = self.transform(image)
+            yield image, sample["__key__"], label, sample["__pass__"]
+
+    def _batches(self, slot: dict, stats: dict) -> Iterator[tuple]:
+        c, batch_size = self.cfg, self.cfg["batch_size"]
+        if c["equal_steps"] and slot["skip_batches"] >= slot["quota"]:
+            return  # nothing owed (the passes of equal_steps never end by themselves)
+        raw = self._raw_stream(slot, stats)
+        to_skip = slot["skip_batches"] * batch_size
+        while to_skip > 0:  # resume: the raw samples of this worker's skipped batches, none decoded
+            sample = next(raw, None)
+            if sample is None:
+                break
+            stats["skipped_resume"] += 1
+            if looks_decodable(sample, c["has_labels"]):
+                to_skip -= 1
+            else:
+                stats["skipped_corrupt"] += 1
+        made, items = slot["skip_batches"], []
+        for item in self._good_samples(raw, stats):
+            items.append(item)
+            if len(items) == batch_size:
+                batch = self._collate(items, stats)
+                self._flush(slot["worker"], stats)  # before the yield: the main process reads them with it
+                yield batch
+                made, items = made + 1, []
+                if c["equal_steps"] and made == slot["quota"]:
+                    return
+        if items:  # extraction only: equal_steps never runs dry (more passes)
+            yield self._collate(items, stats)
+
+    @staticmethod
+    def _collate(items: list[tuple], stats: dict) -> tuple:
+        images, keys, labels, passes = zip(*items)
+        if len({tuple(i.shape) for i in images}) > 1:
+            raise ValueError(f"images of different shapes in one batch {sorted({tuple(i.shape) for i in images})}: "
+                             f"the transform must end in a fixed-size crop")
+        stats["samples"] += len(items)
+        stats["refilled"] += sum(p > 0 for p in passes)
+        return torch.stack(images), list(keys), torch.tensor(labels, dtype=torch.long)
+
+
+# ---------------------------------------------------------------- the loader
+
+
+class ShardLoader:
+    """One epoch of one rank's shards; iterate for (images, keys, labels). See the module docstring.
+
+    equal_steps=True (training): exactly steps_per_epoch(...) full batches on every rank (short
+    workers re-read their shards, counted in stats['refilled']). equal_steps=False (extraction): every
+    sample of the rank once, deterministic order, each worker's last batch may be partial.
+    skip_batches=n: the first n batches are skipped before decoding; the rest are those of an
+    uninterrupted epoch (exactly, unless the skipped part holds an image with a valid header and a
+    broken body: see looks_decodable).
+    len(loader) is the epoch's batch count; iteration yields len(loader) - skip_batches of them.
+    """
+
+    def __init__(self, shard_dir: str, rank: int, world: int, batch_size: int, num_workers: int,
+                 transform: Optional[Callable] = None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                 equal_steps: bool = True, skip_batches: int = 0, shuffle_buffer: int = 1000,
+                 max_samples: int = 0, pin_memory: bool = False, mp_context: Optional[str] = None):
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        self.manifest = load_manifest(shard_dir)
+        self.plans = read_plan(self.manifest, rank, world, num_workers, max_samples)
+        self.capacities = [sum(t for _, t in p) for p in self.plans]
+        self.num_workers, self.pin_memory, self.transform = num_workers, pin_memory, transform
+        self.mp_context = mp_context  # None: the platform default; "fork" starts workers fastest
+        if equal_steps:
+            steps = steps_per_epoch(self.manifest, world, batch_size, num_workers, max_samples)
+            self.worker_batches = _worker_quotas([c // batch_size for c in self.capacities], steps)
+        else:
+            self.worker_batches = [math.ceil(c / batch_size) for c in self.capacities]
+        self.cfg = dict(root=str(shard_dir), rank=rank, world=world, batch_size=batch_size, seed=seed,
+                        shuffle=shuffle, shuffle_buffer=shuffle_buffer, equal_steps=equal_steps,
+                        has_labels=self.manifest.has_labels)
+        self._counters = torch.zeros(len(self.plans), len(STAT_KEYS), dtype=torch.int64).share_memory_()
+        self.set_epoch(epoch, skip_batches)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if not 0 <= skip_batches <= len(self):
+            raise ValueError(f"skip_batches={skip_batches} outside [0, {len(self)}] batches of this epoch")
+        self.cfg["epoch"], self.skip_batches = epoch, skip_batches
+        owners = _batch_owners(self.worker_batches)
+        self._skips = [owners[:skip_batches].count(w) for w in range(len(self.plans))]
+        # a fresh DataLoader starts its round robin at worker 0: hand worker 0 the slot that owns the
+        # next batch, worker 1 the slot after it..., and the merge continues where the epoch was
+        self._first_slot = owners[skip_batches] if skip_batches < len(owners) else 0
+
+    def __len__(self) -> int:
+        return sum(self.worker_batches)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads in an extraction epoch (from the manifest)."""
+        return sum(self.capacities)
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the current/last iteration, summed over workers."""
+        return dict(zip(STAT_KEYS, self._counters.sum(0).tolist()))
+
+    def __iter__(self) -> Iterator[tuple]:
+        self._counters.zero_()
+        slots = [dict(worker=w, plan=p, quota=q, skip_batches=s)
+                 for w, (p, q, s) in enumerate(zip(self.plans, self.worker_batches, self._skips))]
+        slots = slots[self._first_slot:] + slots[:self._first_slot]
+        pipeline = wds.DataPipeline([slots], wds.split_by_worker,  # [slots]: a list arg is read as stages
+                                    _WorkerReader(dict(self.cfg), self.transform, self._counters))
+        loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False, in_order=True,
+                            multiprocessing_context=self.mp_context if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+        return iter(loader)
+
+
+def make_loader(cfg_data, shard_dir: str, rank: int, world: int, transform: Callable, seed: int, epoch: int,
+                train: bool, skip_batches: int = 0) -> ShardLoader:
+    """ShardLoader from the `data` config section: train=True shuffles with equal steps, else extraction."""
+    return ShardLoader(shard_dir, rank, world, cfg_data.batch_size, cfg_data.num_workers, transform, seed, epoch,
+                       shuffle=train, equal_steps=train, skip_batches=skip_batches,
+                       shuffle_buffer=cfg_data.shuffle_buffer, max_samples=cfg_data.max_samples,
+                       pin_memory=torch.cuda.is_available())
+
+
+def reduce_stats(stats: dict, group=None) -> dict:
+    """Loader stats summed over ranks, for logging (a collective: every rank calls it, same keys)."""
+    keys = sorted(stats)
+    device = torch.device("cpu")
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    values = torch.tensor([stats[k] for k in keys], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values, group=group)
+    return dict(zip(keys, values.tolist()))

@@ -1,0 +1,93 @@
+"""Image transforms (torchvision.transforms.v2 on uint8 [3,H,W] tensors) and batch rotations.
+
+    extract = extract_transform(resize=32, crop=28)     # deterministic: features, evaluation
+    train = train_transform(crop=28, min_scale=0.5)      # random crop + flip, per sample in the loader
+    images, rot = all_rotations(batch)                    # RotNet targets: 4 x the batch
+    images = rotate_batch(batch, random_rotations(len(batch), generator))
+
+Both transforms end in float32 normalised with the ImageNet statistics below (the one place they
+live). Sobel filtering is part of the model, not of the data.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_normalized_float() -> list:
+    """uint8 [0, 255] -> float32 [0, 1] -> (x - mean) / std."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def extract_transform(resize: int, crop: int) -> v2.Compose:
+    """Shorter side to `resize`, then the central `crop` x `crop` square."""
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop), *to_normalized_float()])
+
+
+def train_transform(crop: int, min_scale: float) -> v2.Compose:
+    """Random crop of scale [min_scale, 1] resized to `crop` x `crop`, random horizontal flip."""
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+    return v2.Compose([v2.RandomResizedCrop(crop, scale=(min_scale, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(), *to_normalized_float()])
+
+
+# ---------------------------------------------------------------- rotations (RotNet targets)
+
+
+def _check_square(images: torch.Tensor) -> None:
+    if images.ndim < 2 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"rotations by 90 degrees need square images, got shape {tuple(images.shape)}")
+
+
+def rotate_batch(images: torch.Tensor, rot_labels: torch.Tensor) -> torch.Tensor:
+    """images[i] rotated by rot_labels[i] * 90 degrees counter-clockwise (np.rot90 on the last two axes).
+
+    One torch.rot90 per rotation value on the images that have it: 3 kernel launches, not B.
+    """
+    _check_square(images)
+    if rot_labels.shape != images.shape[:1]:
+        raise ValueError(f"rot_labels shape {tuple(rot_labels.shape)} does not match batch {images.shape[0]}")
+    rot_labels = rot_labels.to(images.device)
+    out = images.clone()
+    for k in (1, 2, 3):
+        index = (rot_labels == k).nonzero(as_tuple=True)[0]
+        if index.numel():
+            out[index] = torch.rot90(images[index], k, dims=(-2, -1))
+    return out
+
+
+def random_rotations(n: int, generator: Optional[torch.Generator] = None,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """n rotation labels uniform in {0, 1, 2, 3} (LongTensor)."""
+    made_on = generator.device if generator is not None else device  # a generator draws on its own device
+    return torch.randint(0, 4, (n,), generator=generator, device=made_on).to(device)
+
+
+def all_rotations(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch in all 4 rotations [4B,...], labels [4B]): rotation-major, row r*B + i is image i
+    rotated by r * 90 degrees."""
+    _check_square(images)
+    rotated = torch.cat([torch.rot90(images, k, dims=(-2, -1)) for k in range(4)])
+    labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
+    return rotated, labels
+
+
+class RandomRot90:
+    """Per-sample transform: img -> (img rotated by label * 90 degrees, label), label uniform in 0..3."""
+
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        self.generator = generator
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, int]:
+        _check_square(image)
+        label = int(torch.randint(0, 4, (1,), generator=self.generator))
+        return torch.rot90(image, label, dims=(-2, -1)), label
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
