@@ -27,7 +27,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 2000  # samples held for streaming shuffle, per worker
     min_scale: float = 0.5  # RandomResizedCrop lower scale bound (training)
-    max_samples: int = 0  # >0: use only this many samples (smoke runs); applied per shard list
+    max_samples: int = 0  # >0: each rank uses only this many of its samples (smoke runs), a fixed subset
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ModelConfig:
     sobel: bool = True  # fixed grayscale + Sobel input layer (paper default)
     feature_dim: int = 512  # smallvgg: width of the penultimate (feature) layer
     channels_last: bool = True  # GPU only
-    compile: bool = False  # torch.compile the trunk (GPU only)
+    compile: bool = False  # torch.compile the DDP-wrapped trunk + super head (GPU only)
 
 
 @dataclass
@@ -76,7 +76,6 @@ class TrainConfig:
     bf16: bool = True  # autocast on GPU only
     ckpt_every_steps: int = 200
     log_every_steps: int = 20
-    max_steps_per_epoch: int = 0  # >0: cap (smoke runs)
 
 
 @dataclass

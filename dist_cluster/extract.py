@@ -1,0 +1,66 @@
+"""EXTRACT: every rank runs the trunk over its own shards (center crop, eval mode) and keeps the
+pre-ReLU penultimate features of its images, with their keys, for the clustering stage.
+
+Features stay on the rank that read the images (brief: no stage funnels data through one rank).
+They live in RAM, or in a memmap on local disk when they exceed `cluster.memmap_gb` per rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .logger import progress
+
+
+def feature_buffer(rows: int, dim: int, memmap_gb: float, memmap_dir: str, tag: str):
+    """A float32 [rows, dim] buffer: a torch tensor in RAM, or a torch view of a local-disk memmap."""
+    nbytes = rows * dim * 4
+    if nbytes <= memmap_gb * 2**30:
+        return torch.empty(rows, dim, dtype=torch.float32), None
+    path = Path(memmap_dir) / f"dist_cluster_feats.{tag}.rank{distributed.rank()}.{os.getpid()}.f32"
+    array = np.memmap(path, dtype=np.float32, mode="w+", shape=(rows, dim))
+    distributed.print0(f"extract: {nbytes / 2**30:.1f} GiB of features per rank -> memmap {path}")
+    return torch.from_numpy(array), path
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim: int, device: torch.device,
+                     cfg_cluster, bf16: bool = True, channels_last: bool = False, tag: str = "round"):
+    """(features [n, D] float32 CPU tensor, keys np.ndarray[str], stats) for this rank's images.
+
+    `max_rows` bounds the rows (the rank's samples in the manifest); corrupt samples skipped by the
+    loader make n smaller, never larger.
+    """
+    was_training = trunk.training
+    trunk.eval()
+    feats, memmap_path = feature_buffer(max_rows, feature_dim, cfg_cluster.memmap_gb, cfg_cluster.memmap_dir, tag)
+    keys: list[str] = []
+    rows, start = 0, time.perf_counter()
+    for images, batch_keys, _ in progress(loader, desc="extract", total=len(loader)):
+        images = images.to(device, non_blocking=True)
+        if channels_last and device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, bf16):
+            out = trunk(images)
+        if rows + len(out) > max_rows:
+            raise RuntimeError(f"loader yielded more than the {max_rows} samples the manifest promises")
+        feats[rows:rows + len(out)] = out.float().cpu()
+        keys.extend(batch_keys)
+        rows += len(out)
+    trunk.train(was_training)
+    seconds = time.perf_counter() - start
+    stats = {"images": rows, "seconds": seconds, "img_per_s": rows / max(seconds, 1e-9),
+             "memmap": str(memmap_path) if memmap_path else ""}
+    return feats[:rows], np.asarray(keys), stats

@@ -1,0 +1,187 @@
+"""The round loop: EXTRACT -> CLUSTER -> TRAIN x `reassign` epochs, repeated, all ranks in lockstep.
+
+    torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/smoke.yaml run_dir=runs/smoke
+
+Resume: the same command finds RUN/checkpoints/last.pt and continues where it stopped: before or
+after the clustering of a round (assignments are reloaded from RUN/clusters/round_<r>/ when they are
+complete, recomputed otherwise; clustering is deterministic given the trunk), or mid-epoch (the
+loader skips the batches already done without decoding them).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint, distributed
+from .cluster.stage import load_cluster_state, run_clustering
+from .data import ShardLoader, make_loader, reduce_stats, steps_per_epoch
+from .extract import extract_features
+from .heads import RoutedHeads, TrunkAndSuperHead
+from .logger import MetricLogger, Timer
+from .manifest import load_manifest
+from .models import build_trunk
+from .models.export import export_backbone
+from .syncbn import convert_sync_batchnorm
+from .targets import LabelTable
+from .trainer import sgd, train_epoch
+from .transforms import extract_transform, train_transform
+
+
+def wrap_ddp(module, device):
+    """DDP without buffer broadcast: BN running stats are computed from global statistics, so they
+    already agree on every rank; broadcasting rank 0's copy each forward would be pure traffic."""
+    with warnings.catch_warnings():  # torch 2.14 renames the flag; its replacement still syncs at init
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+class Run:
+    """Everything one training run holds; `run()` drives it round after round."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.env = distributed.env()
+        self.device = self.env.device
+        self.run_dir = Path(cfg.run_dir)
+        self.logger = MetricLogger(self.run_dir)
+        self.manifest = load_manifest(cfg.data.train)
+        world, data = self.env.world_size, cfg.data
+        self.steps = steps_per_epoch(self.manifest, world, data.batch_size, data.num_workers, data.max_samples)
+        self.total_steps = self.steps * cfg.train.epochs
+        self.num_rounds = math.ceil(cfg.train.epochs / cfg.train.reassign)
+        self.num_super = cfg.train.rotations * cfg.cluster.m
+        self.sub_classes = cfg.cluster.k // cfg.cluster.m
+        torch.manual_seed(cfg.seed)  # identical trunk on every rank (DDP broadcasts it anyway)
+        module = TrunkAndSuperHead(build_trunk(cfg.model, data.image_size), self.num_super, seed=cfg.seed)
+        self.module = convert_sync_batchnorm(module, self.device).to(self.device)
+        if cfg.model.channels_last and self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.model = wrap_ddp(self.module, self.device)
+        if cfg.model.compile and self.device.type == "cuda":
+            self.model = torch.compile(self.model)
+        self.trunk_opt = sgd(self.module.trunk.parameters(), cfg.train)
+        self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
+        self.heads = self.head_opt = None
+
+    # ------------------------------------------------------------------ stages
+
+    def loader(self, epoch: int, train: bool, skip_batches: int = 0) -> ShardLoader:
+        d = self.cfg.data
+        transform = train_transform(d.image_size, d.min_scale) if train else extract_transform(d.resize, d.image_size)
+        return make_loader(d, d.train, self.env.rank, self.env.world_size, transform, self.cfg.seed, epoch,
+                           train=train, skip_batches=skip_batches)
+
+    def cluster(self, round_idx: int, prev):
+        """EXTRACT + CLUSTER for one round; returns this rank's cluster state (None for RotNet)."""
+        cfg = self.cfg
+        if cfg.cluster.k == 1:
+            return None
+        loader = self.loader(round_idx, train=False)
+        with Timer() as timer:
+            feats, keys, stats = extract_features(
+                self.module.trunk, loader, loader.num_samples,
+                self.module.trunk.feature_dim, self.device, cfg.cluster, cfg.train.bf16,
+                cfg.model.channels_last, tag=f"round{round_idx}")
+        data_stats = reduce_stats(loader.stats)
+        self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
+                          img_per_s=data_stats["samples"] / max(timer.seconds, 1e-9), data_stats=data_stats)
+        return run_clustering(feats, keys, cfg.cluster, round_idx, self.run_dir, self.logger,
+                              seed=cfg.seed + round_idx, prev=prev)
+
+    def label_table(self, clusters) -> LabelTable:
+        if clusters is None:
+            return LabelTable.rotnet()
+        return LabelTable(clusters.keys, clusters.super, clusters.sub, clusters.super_sizes,
+                          clusters.sub_sizes, self.cfg.cluster.k, self.cfg.cluster.m, self.cfg.train.balance)
+
+    def new_heads(self, round_idx: int) -> None:
+        """Cluster ids are permuted between rounds: fresh heads and fresh head optimisers."""
+        seed = self.cfg.seed * 1000 + round_idx
+        self.module.super_head.reset(seed)
+        params = list(self.module.super_head.parameters())
+        self.heads = None
+        if self.sub_classes > 1:
+            self.heads = RoutedHeads(self.module.trunk.feature_dim, self.num_super, self.sub_classes,
+                                     self.device, seed=seed)
+            params += list(self.heads.parameters())
+        self.head_opt = sgd(params, self.cfg.train)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, round_copy=None) -> None:
+        shared = {"model": self.module.state_dict(), "trunk_opt": self.trunk_opt.state_dict(),
+                  "progress": dict(self.state), "config": OmegaConf.to_yaml(self.cfg)}
+        per_rank = {"heads": self.heads.state_dict() if self.heads is not None else {},
+                    "head_opt": self.head_opt.state_dict() if self.head_opt is not None else {},
+                    "rng": torch.get_rng_state()}
+        checkpoint.save(self.run_dir, shared, per_rank, self.state["global_step"], round_copy)
+
+    def resume(self) -> bool:
+        loaded = checkpoint.load(self.run_dir, map_location=self.device)
+        if loaded is None:
+            return False
+        shared, per_rank = loaded
+        self.module.load_state_dict(shared["model"])
+        self.trunk_opt.load_state_dict(shared["trunk_opt"])
+        self.state = dict(shared["progress"])
+        torch.set_rng_state(per_rank["rng"].cpu())
+        self._resume_per_rank = per_rank
+        distributed.print0(f"resumed from {self.run_dir}/checkpoints/last.pt at {self.state}")
+        return True
+
+    def maybe_checkpoint(self, state: dict) -> None:
+        every = self.cfg.train.ckpt_every_steps
+        if every > 0 and state["global_step"] % every == 0 and state["step"] < self.steps:
+            self.save()
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        resumed = self.resume()
+        prev = load_cluster_state(self.run_dir, self.state["round"] - 1, self.env.rank) \
+            if self.state["round"] > 0 and self.cfg.cluster.k > 1 else None
+        for round_idx in range(self.state["round"], self.num_rounds):
+            if self.state["phase"] == "cluster":
+                clusters = self.cluster(round_idx, prev)
+                self.new_heads(round_idx)
+                self.state.update(phase="train", epoch=round_idx * self.cfg.train.reassign, step=0)
+                self.save()
+            else:  # resumed inside the training phase of this round
+                clusters = load_cluster_state(self.run_dir, round_idx, self.env.rank) \
+                    if self.cfg.cluster.k > 1 else None
+                self.new_heads(round_idx)
+                if resumed and self._resume_per_rank.get("heads"):
+                    self.heads.load_state_dict(self._resume_per_rank["heads"])
+                if resumed and self._resume_per_rank.get("head_opt"):
+                    self.head_opt.load_state_dict(self._resume_per_rank["head_opt"])
+            resumed = False
+            self.train_round(round_idx, self.label_table(clusters))
+            prev = clusters
+            self.state.update(round=round_idx + 1, phase="cluster", step=0)
+            self.save(round_copy=round_idx)
+        self.finish()
+
+    def train_round(self, round_idx: int, table: LabelTable) -> None:
+        last_epoch = min((round_idx + 1) * self.cfg.train.reassign, self.cfg.train.epochs)
+        while self.state["epoch"] < last_epoch:
+            epoch, skip = self.state["epoch"], self.state["step"]
+            loader = self.loader(epoch, train=True, skip_batches=skip)
+            summary = train_epoch(self.model, self.heads, table, loader, self.trunk_opt, self.head_opt,
+                                  self.cfg, self.device, self.logger, self.state, self.total_steps,
+                                  on_step=self.maybe_checkpoint)
+            self.logger.event("epoch", step=self.state["global_step"], round=round_idx, epoch=epoch,
+                              data_stats=reduce_stats(loader.stats), **summary)
+            self.state.update(epoch=epoch + 1, step=0)
+            self.save()
+
+    def finish(self) -> None:
+        if distributed.is_main():
+            path = export_backbone(self.module.trunk, self.cfg.model.arch, self.run_dir / "export")
+            distributed.print0(f"exported backbone to {path}")
+        self.logger.event("done", step=self.state["global_step"], rounds=self.num_rounds)
+        self.logger.close()

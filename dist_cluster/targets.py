@@ -1,0 +1,90 @@
+"""Training targets: (rotation y) x (super-cluster z1, sub-cluster z2) and the balancing weights.
+
+Labels never leave the rank that read the images: `LabelTable` maps this rank's keys to their
+(super, sub) labels. Super-class s = y * m + z1 (S = R * m classes); the sub-class head of s
+predicts z2's index inside z1, i.e. z2 - z1 * (k // m).
+
+Balancing ("big clusters must not dominate"): we weight each sample by 1 / |its cluster| (super
+loss: super-cluster size, sub loss: sub-cluster size) and normalise by the weight sum of the global
+batch. In expectation this is DeepCluster's uniform sampling over clusters, without a sampler that
+needs the global label table; its variance is higher when clusters are very small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .transforms import rotate_batch
+
+
+@dataclass
+class Targets:
+    images: torch.Tensor  # rotated images
+    super_class: torch.Tensor  # [B] in [0, R * m)
+    sub_local: torch.Tensor  # [B] in [0, k // m)
+    super_weight: torch.Tensor  # [B]
+    sub_weight: torch.Tensor  # [B]
+
+
+class LabelTable:
+    """This rank's key -> (super, sub) table, plus global cluster sizes for the weights."""
+
+    def __init__(self, keys: Optional[np.ndarray], super_labels, sub_labels, super_sizes, sub_sizes,
+                 k: int, m: int, balance: str):
+        self.k, self.m = k, m
+        self.index = None if keys is None else {key: i for i, key in enumerate(keys.tolist())}
+        self.super_labels = None if keys is None else torch.as_tensor(np.asarray(super_labels), dtype=torch.long)
+        self.sub_labels = None if keys is None else torch.as_tensor(np.asarray(sub_labels), dtype=torch.long)
+        self.super_w = self._inverse(super_sizes, m, balance)
+        self.sub_w = self._inverse(sub_sizes, k, balance)
+
+    @staticmethod
+    def _inverse(sizes, count: int, balance: str) -> torch.Tensor:
+        if balance == "none" or sizes is None:
+            return torch.ones(count)
+        sizes = torch.as_tensor(np.asarray(sizes), dtype=torch.float64)
+        # empty clusters get weight 0: no sample carries them anyway
+        return torch.where(sizes > 0, sizes.sum() / (count * sizes.clamp_min(1)), 0).float()
+
+    @classmethod
+    def rotnet(cls) -> "LabelTable":
+        """k = 1: every image in the one cluster, nothing to look up."""
+        return cls(None, None, None, None, None, 1, 1, "none")
+
+    def lookup(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index is None:
+            zeros = torch.zeros(len(keys), dtype=torch.long)
+            return zeros, zeros.clone()
+        try:
+            rows = torch.tensor([self.index[key] for key in keys], dtype=torch.long)
+        except KeyError as err:
+            raise KeyError(f"image {err} has no cluster label on this rank: shard ownership changed "
+                           "since the clustering (world size or shard list differs?)") from None
+        return self.super_labels[rows], self.sub_labels[rows]
+
+
+def make_targets(images: torch.Tensor, keys: Sequence[str], table: LabelTable, rotations: int,
+                 all_rotations: bool, generator: torch.Generator) -> Targets:
+    """Rotate the batch (one random rotation per image, or all four) and build its targets.
+
+    `generator` is a CPU generator seeded from (seed, epoch, step, rank): the rotations of a step
+    are a function of where the run is, so a resumed run draws exactly the same ones.
+    """
+    z1, z2 = table.lookup(keys)
+    n = len(keys)
+    if rotations == 1:
+        rot = torch.zeros(n, dtype=torch.long)
+    elif all_rotations:
+        rot = torch.arange(rotations).repeat_interleave(n)
+        images, z1, z2 = images.repeat(rotations, 1, 1, 1), z1.repeat(rotations), z2.repeat(rotations)
+    else:
+        rot = torch.randint(0, rotations, (n,), generator=generator)
+    dev = images.device  # images may already be on the GPU: rotate there, labels follow
+    images = rotate_batch(images, rot.to(dev)) if rotations > 1 else images
+    sub_per_super = table.k // table.m
+    return Targets(images=images, super_class=(rot * table.m + z1).to(dev),
+                   sub_local=(z2 - z1 * sub_per_super).to(dev),
+                   super_weight=table.super_w[z1].to(dev), sub_weight=table.sub_w[z2].to(dev))

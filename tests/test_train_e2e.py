@@ -1,0 +1,95 @@
+"""End to end through the real launcher: torchrun, 2 CPU ranks, Fashion-MNIST subset shards.
+
+- 2 rounds run: every stage logged, every image labelled exactly once on its own rank, export written.
+- kill -9 mid-run, same command again: the resumed run logs the same losses at the same steps as an
+  uninterrupted one.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_cluster.logger import read_metrics
+from dist_cluster.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fmnist") / "smoke"
+    subprocess.run([sys.executable, "shards/build.py", "fmnist", "--split", "train", "--out", str(out),
+                    "--limit", "1200", "--shard-size", "150"], cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def torchrun_cmd(run_dir, shards, *overrides):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun), "--standalone", "--nproc_per_node", "2", "launch/train.py",
+            "--config", "configs/smoke.yaml", f"run_dir={run_dir}", f"data.train={shards}", *overrides]
+
+
+def run_train(run_dir, shards, *overrides, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(torchrun_cmd(run_dir, shards, *overrides), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def losses_by_step(run_dir):
+    """The last logged loss of each step (a resumed run logs the replayed steps again)."""
+    return {e["step"]: (e["loss_super"], e["loss_sub"]) for e in read_metrics(run_dir, "train")}
+
+
+def test_two_rounds_end_to_end(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, shards)
+    stages = {e["stage"] for e in read_metrics(run_dir)}
+    assert {"extract", "pca", "kmeans", "train", "epoch", "done"} <= stages
+    assert (run_dir / "config.yaml").exists() and list((run_dir / "export").iterdir())
+    all_keys = set()
+    for path in sorted((run_dir / "clusters" / "round_1").glob("assignments.rank*.npz")):
+        part = np.load(path)
+        assert len(set(part["keys"].tolist()) & all_keys) == 0  # disjoint across ranks
+        all_keys |= set(part["keys"].tolist())
+        assert (part["sub"] // (16 // 2) == part["super"]).all()  # each sub-cluster inside its super
+    assert len(all_keys) == load_manifest(shards).num_samples == 1200
+    for e in read_metrics(run_dir, "train"):
+        assert np.isfinite(e["loss_super"]) and np.isfinite(e["loss_sub"])
+
+
+def test_kill_and_resume_matches_uninterrupted(shards, tmp_path):
+    settings = ("train.epochs=3", "train.reassign=2", "train.ckpt_every_steps=4", "train.log_every_steps=1")
+    reference = tmp_path / "reference"
+    run_train(reference, shards, *settings)
+
+    resumed = tmp_path / "resumed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(torchrun_cmd(resumed, shards, *settings), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:  # kill once past a mid-epoch checkpoint
+        steps = [e["step"] for e in read_metrics(resumed, "train")]
+        if steps and max(steps) >= 14:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    progress = json.loads(json.dumps(read_metrics(resumed, "train")[-1]))
+    assert progress["step"] < 27  # really interrupted (3 epochs x 9 steps)
+    run_train(resumed, shards, *settings)
+
+    expected, got = losses_by_step(reference), losses_by_step(resumed)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
