@@ -1,0 +1,287 @@
+"""Frozen features of a labelled shard split for the probes, and reading samples from shards by key.
+
+    backbone = load_backbone("RUN")                  # RUN/checkpoints/last.pt, else RUN/export/
+    split = extract_split(backbone.trunk, "data/fmnist/test", backbone.cfg.data, device, layer_dims=10000)
+    split = gather_split(split)                      # rank 0: all ranks' rows sorted by key; None elsewhere
+    members = read_members("data/fmnist/train", keys, exts=("png", "cls"))   # {key: {ext: bytes}}
+
+Every rank extracts its own shards (ShardLoader rank/world, no shuffle, every sample once, center
+crop, float32, eval mode). The rows then go to rank 0 only, in bounded row chunks, because the
+probes need the whole (small, labelled) evaluation set in one place: rank 0 holds
+n x (D + sum of block dims) float32. Rows are sorted by key, so the result is the same for any
+number of ranks (up to float rounding).
+"""
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ..cluster import comm
+from ..data import ShardLoader
+from ..logger import progress
+from ..manifest import load_manifest
+from ..models import ResNet50, VGG16BN, build_trunk
+from ..models.export import load_exported
+from ..transforms import extract_transform
+
+# ---------------------------------------------------------------- the backbone
+
+
+@dataclass
+class Backbone:
+    trunk: nn.Module  # eval mode
+    super_head: Optional[nn.Linear]  # the run's super-class head (Grad-CAM); None for an export
+    cfg: object  # the run's resolved config (DictConfig)
+    source: str  # the file the weights came from
+
+
+def _strip_wrappers(state: dict) -> dict:
+    """Keys of a DDP / torch.compile wrapped module saved as is ('module.', '_orig_mod.')."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        out[key] = value
+    return out
+
+
+def _load_checkpoint(path: Path) -> Backbone:
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" not in record or "config" not in record:
+        raise ValueError(f"{path}: not a training checkpoint (needs keys 'model' and 'config', has {sorted(record)})")
+    cfg = OmegaConf.create(record["config"])
+    state = _strip_wrappers(record["model"])
+    trunk = build_trunk(cfg.model, cfg.data.image_size)
+    trunk.load_state_dict({k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")})
+    head = None
+    if "super_head.weight" in state:
+        weight = state["super_head.weight"]
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        head.load_state_dict({"weight": weight, "bias": state["super_head.bias"]})
+        head.eval()
+    return Backbone(trunk.eval(), head, cfg, str(path))
+
+
+def _load_torchvision_export(path: Path) -> nn.Module:
+    """An exported vgg16_bn / resnet50 back into a trunk (no Sobel layer: it is folded into conv1)."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    trunk = {"vgg16_bn": VGG16BN, "resnet50": ResNet50}[meta["arch"]](sobel=False)
+    geo = meta["conv1"]
+    wide = nn.Conv2d(3, 64, tuple(geo["kernel_size"]), stride=tuple(geo["stride"]),
+                     padding=tuple(geo["padding"]), bias=geo["bias"])
+    if meta["arch"] == "vgg16_bn":
+        trunk.features[0] = wide
+    else:
+        trunk.conv1 = wide
+    trunk.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return trunk.eval()
+
+
+def _load_export(path: Path, run_dir: Path) -> Backbone:
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing: an exported backbone needs the run's config (image size)")
+    cfg = OmegaConf.load(config)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    trunk = load_exported(path) if meta.get("format") == "dist_cluster.smallvgg" else _load_torchvision_export(path)
+    return Backbone(trunk, None, cfg, str(path))
+
+
+def load_backbone(run_dir, checkpoint: Optional[str] = None) -> Backbone:
+    """checkpoint (a .pt checkpoint or an exported .pth), else RUN/checkpoints/last.pt, else RUN/export/."""
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        last = run_dir / "checkpoints" / "last.pt"
+        exports = sorted((run_dir / "export").glob("*_backbone.pth"))
+        if not last.exists() and not exports:
+            raise FileNotFoundError(f"{run_dir}: neither checkpoints/last.pt nor export/*_backbone.pth")
+        path = last if last.exists() else exports[0]
+    else:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"--checkpoint {path} does not exist")
+    if path.with_suffix(".json").exists() and path.suffix == ".pth":
+        return _load_export(path, run_dir)
+    return _load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def pool_side(channels: int, height: int, width: int, max_dims: int) -> tuple[int, int]:
+    """Output side of the average pool that keeps channels x side^2 <= max_dims (never upsamples)."""
+    side = max(1, math.isqrt(max(1, max_dims // channels)))
+    return min(side, height), min(side, width)
+
+
+def pool_block(x: torch.Tensor, max_dims: int) -> torch.Tensor:
+    """[B, C, H, W] conv output -> [B, <= max_dims] by adaptive average pooling (the papers' probes)."""
+    side = pool_side(x.shape[1], x.shape[2], x.shape[3], max_dims)
+    return torch.flatten(F.adaptive_avg_pool2d(x, side), 1)
+
+
+@dataclass
+class Split:
+    feats: np.ndarray  # [n, D] float32, penultimate, pre-ReLU
+    labels: np.ndarray  # [n] int64 (-1: unlabelled shards)
+    keys: np.ndarray  # [n] str
+    blocks: dict = field(default_factory=dict)  # block name -> [n, d] float32 pooled block outputs
+
+    def take(self, index: np.ndarray) -> "Split":
+        return Split(self.feats[index], self.labels[index], self.keys[index],
+                     {name: x[index] for name, x in self.blocks.items()})
+
+
+def usable_workers(shard_dir, world: int, wanted: int) -> int:
+    """Loader workers per rank such that every worker of every rank has a shard (ShardLoader's rule)."""
+    shards = len(load_manifest(shard_dir).shards)
+    if shards < world:
+        raise ValueError(f"{shard_dir}: {shards} shards for {world} ranks; every rank needs a shard "
+                         f"(rebuild with a smaller --shard-size or run fewer ranks)")
+    return min(wanted, shards // world)
+
+
+@torch.no_grad()
+def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, rank: int = 0, world: int = 1,
+                  batch_size: int = 256, num_workers: int = 2, layer_dims: int = 0, max_samples: int = 0,
+                  desc: str = "extract") -> Split:
+    """This rank's rows: penultimate features and (layer_dims > 0) pooled block outputs."""
+    loader = ShardLoader(str(shard_dir), rank, world, batch_size, usable_workers(shard_dir, world, num_workers),
+                         transform=extract_transform(cfg_data.resize, cfg_data.image_size), seed=0, epoch=0,
+                         shuffle=False, equal_steps=False, max_samples=max_samples)
+    trunk.eval()
+    rows, cap = 0, loader.num_samples
+    feats, labels, keys, blocks = None, np.full(cap, -1, np.int64), [], {}
+    for images, batch_keys, batch_labels in progress(loader, desc=desc, total=len(loader)):
+        images = images.to(device, non_blocking=True)
+        out = trunk(images).float().cpu().numpy()
+        if feats is None:
+            feats = np.empty((cap, out.shape[1]), np.float32)
+        stop = rows + len(out)
+        feats[rows:stop], labels[rows:stop] = out, batch_labels.numpy()
+        keys.extend(batch_keys)
+        if layer_dims > 0:
+            for name, x in zip(trunk.block_names, trunk.forward_blocks(images)):
+                pooled = pool_block(x.float(), layer_dims).cpu().numpy()
+                if name not in blocks:
+                    blocks[name] = np.empty((cap, pooled.shape[1]), np.float32)
+                blocks[name][rows:stop] = pooled
+        rows = stop
+    dim = getattr(trunk, "feature_dim", 0) if feats is None else feats.shape[1]
+    feats = np.zeros((0, dim), np.float32) if feats is None else feats
+    return Split(feats[:rows], labels[:rows], np.asarray(keys, dtype=str),
+                 {name: x[:rows] for name, x in blocks.items()})
+
+
+# ---------------------------------------------------------------- gathering to rank 0
+
+
+def gather_rows(x: np.ndarray, dst: int = 0, chunk_bytes: int = 256 << 20) -> Optional[np.ndarray]:
+    """All ranks' rows of x concatenated in rank order on `dst` (None elsewhere). Collective.
+
+    Rows travel in rounds of at most ~chunk_bytes per rank, so no buffer is larger than that on any
+    device (NCCL gathers through GPU memory). Trailing dims and dtype must agree across ranks.
+    """
+    world, me = comm.group_size(), comm.group_rank()
+    if world == 1:
+        return x
+    dev = comm.comm_device()
+    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(x)], dtype=torch.int64, device=dev))
+    counts = [int(c.item()) for c in counts]
+    row_bytes = max(1, int(np.prod(x.shape[1:])) * x.itemsize)
+    step = max(1, chunk_bytes // row_bytes)
+    out = np.empty((sum(counts),) + x.shape[1:], x.dtype) if me == dst else None
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    for start in range(0, max(counts), step):
+        piece = np.zeros((step,) + x.shape[1:], x.dtype)
+        mine = x[start:start + step]
+        piece[:len(mine)] = mine
+        send = torch.from_numpy(piece).to(dev)
+        bufs = [torch.empty_like(send) for _ in range(world)] if me == dst else None
+        dist.gather(send, bufs, dst=dst)
+        if me == dst:
+            for r, buf in enumerate(bufs):
+                take = max(0, min(step, counts[r] - start))
+                out[offsets[r] + start:offsets[r] + start + take] = buf[:take].cpu().numpy()
+    return out
+
+
+def _agreed_blocks(blocks: dict) -> dict:
+    """The same block arrays on every rank: a rank that read no row (all its samples corrupt) has
+    none, and would otherwise skip collectives the others enter."""
+    if comm.group_size() == 1:
+        return blocks
+    dims = [None] * comm.group_size()
+    dist.all_gather_object(dims, {name: x.shape[1] for name, x in blocks.items()})
+    union = {name: dim for d in dims for name, dim in d.items()}
+    return {name: blocks.get(name, np.zeros((0, dim), np.float32)) for name, dim in union.items()}
+
+
+def gather_split(split: Split, dst: int = 0) -> Optional[Split]:
+    """Every rank's rows on `dst`, sorted by key (identical for any world size); None elsewhere."""
+    feats = gather_rows(split.feats, dst)
+    labels = gather_rows(split.labels, dst)
+    blocks = {name: gather_rows(x, dst) for name, x in sorted(_agreed_blocks(split.blocks).items())}
+    if comm.group_size() > 1:
+        gathered = [None] * comm.group_size() if comm.group_rank() == dst else None
+        dist.gather_object(split.keys.tolist(), gathered, dst=dst)
+        keys = np.asarray([k for part in gathered for k in part] if gathered else [], dtype=str)
+    else:
+        keys = split.keys
+    if comm.group_rank() != dst:
+        return None
+    order = np.argsort(keys, kind="stable")
+    return Split(feats, labels, keys, blocks).take(order)
+
+
+# ---------------------------------------------------------------- samples by key
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """'dir/abc.seg.png' -> ('dir/abc', 'seg.png'): the WebDataset rule, key up to the first dot."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def read_members(shard_dir, keys: Optional[Iterable[str]], exts: Iterable[str]) -> dict:
+    """{key: {ext: bytes}} for the wanted keys (None: every key) and member extensions.
+
+    One pass over the tars in manifest order, reading only the wanted members (other members are
+    skipped by seeking); stops as soon as every wanted key has been found.
+    """
+    wanted = None if keys is None else set(keys)
+    exts = {e.lower() for e in exts}
+    found: dict = {}
+    for path in load_manifest(shard_dir).shard_paths(shard_dir):
+        if wanted is not None and len(found) == len(wanted) and all(len(v) == len(exts) for v in found.values()):
+            break
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key, ext = _split_member(member.name)
+                if member.isreg() and ext in exts and (wanted is None or key in wanted):
+                    found.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return found
+
+
+def read_labels(shard_dir, keys: Optional[Iterable[str]] = None) -> dict:
+    """{key: class id} from the .cls members (samples with a missing or bad .cls are left out)."""
+    labels = {}
+    for key, members in read_members(shard_dir, keys, ("cls",)).items():
+        try:
+            labels[key] = int(members["cls"].decode("ascii").strip())
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return labels
