@@ -14,7 +14,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-MODES = ("deepercluster", "rotnet", "deepcluster")
+MODES = ("deepercluster", "rotnet", "deepcluster", "supervised")
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    mode: str = "deepercluster"  # deepercluster | rotnet | deepcluster
+    mode: str = "deepercluster"  # deepercluster | rotnet | deepcluster | supervised (upper bound)
     run_dir: str = "runs/default"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,13 +115,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def apply_mode(cfg: DictConfig) -> None:
-    """The baselines are modes of the same code: RotNet is k = 1, DeepCluster is m = 1 without rotation."""
+    """The baselines are modes of the same code: RotNet is k = 1, DeepCluster is m = 1 without rotation,
+    supervised predicts the shards' labels (k is then the number of classes in the manifest)."""
     if cfg.mode == "rotnet":
         cfg.cluster.k, cfg.cluster.m = 1, 1
         cfg.train.rotations = 4
     elif cfg.mode == "deepcluster":
         cfg.cluster.m = 1
         cfg.train.rotations = 1
+    elif cfg.mode == "supervised":  # the upper bound: the shards' labels replace the clusters
+        cfg.cluster.m = 1
+        cfg.train.rotations = 1
+        cfg.train.balance = "none"
 
 
 def _check(ok: bool, key: str, why: str) -> None:

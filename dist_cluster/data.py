@@ -257,6 +257,9 @@ class _WorkerReader:
 
     def __init__(self, cfg: dict, transform: Optional[Callable], counters: torch.Tensor):
         self.cfg, self.transform, self.counters = cfg, transform, counters
+        # transforms.SampleThenBatch: the elementwise tail runs once on the stacked batch
+        self._per_sample = getattr(transform, "per_sample", transform)
+        self._finish_batch = getattr(transform, "finish_batch", None)
 
     def __call__(self, slots: Iterator[dict]) -> Iterator[tuple]:
         for slot in slots:  # exactly one: wds.split_by_worker kept this worker's slot
@@ -316,7 +319,7 @@ class _WorkerReader:
                 with torch.random.fork_rng(devices=[]) if in_main else contextlib.nullcontext():
                     key_seed = _seed64(c["seed"], c["epoch"], sample["__key__"], sample["__pass__"])
                     torch.default_generator.manual_seed(key_seed)  # 1 us; torch.manual_seed: 150 us
-                    image = self.transform(image)
+                    image = self._per_sample(image)
             yield image, sample["__key__"], label, sample["__pass__"]
 
     def _batches(self, slot: dict, stats: dict) -> Iterator[tuple]:
@@ -347,15 +350,17 @@ class _WorkerReader:
         if items:  # extraction only: equal_steps never runs dry (more passes)
             yield self._collate(items, stats)
 
-    @staticmethod
-    def _collate(items: list[tuple], stats: dict) -> tuple:
+    def _collate(self, items: list[tuple], stats: dict) -> tuple:
         images, keys, labels, passes = zip(*items)
         if len({tuple(i.shape) for i in images}) > 1:
             raise ValueError(f"images of different shapes in one batch {sorted({tuple(i.shape) for i in images})}: "
                              f"the transform must end in a fixed-size crop")
         stats["samples"] += len(items)
         stats["refilled"] += sum(p > 0 for p in passes)
-        return torch.stack(images), list(keys), torch.tensor(labels, dtype=torch.long)
+        batch = torch.stack(images)
+        if self._finish_batch is not None:
+            batch = self._finish_batch(batch)
+        return batch, list(keys), torch.tensor(labels, dtype=torch.long)
 
 
 # ---------------------------------------------------------------- the loader

@@ -55,7 +55,12 @@ class Run:
         self.total_steps = self.steps * cfg.train.epochs
         self.num_rounds = math.ceil(cfg.train.epochs / cfg.train.reassign)
         self.num_super = cfg.train.rotations * cfg.cluster.m
-        self.sub_classes = cfg.cluster.k // cfg.cluster.m
+        self.supervised = cfg.mode == "supervised"
+        if self.supervised and not self.manifest.has_labels:
+            raise ValueError(f"mode=supervised needs labelled shards; {data.train} has none")
+        # k: clusters, or (supervised) the classes of the shards
+        self.k = len(self.manifest.classes) if self.supervised else cfg.cluster.k
+        self.sub_classes = self.k // cfg.cluster.m
         torch.manual_seed(cfg.seed)  # identical trunk on every rank (DDP broadcasts it anyway)
         module = TrunkAndSuperHead(build_trunk(cfg.model, data.image_size), self.num_super, seed=cfg.seed)
         self.module = convert_sync_batchnorm(module, self.device).to(self.device)
@@ -68,6 +73,11 @@ class Run:
         self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
         self.heads = self.head_opt = None
 
+    @property
+    def clusters_needed(self) -> bool:
+        """RotNet (k = 1) and supervised runs never extract or cluster."""
+        return self.cfg.cluster.k > 1 and not self.supervised
+
     # ------------------------------------------------------------------ stages
 
     def loader(self, epoch: int, train: bool, skip_batches: int = 0) -> ShardLoader:
@@ -79,7 +89,7 @@ class Run:
     def cluster(self, round_idx: int, prev):
         """EXTRACT + CLUSTER for one round; returns this rank's cluster state (None for RotNet)."""
         cfg = self.cfg
-        if cfg.cluster.k == 1:
+        if not self.clusters_needed:
             return None
         loader = self.loader(round_idx, train=False)
         with Timer() as timer:
@@ -94,6 +104,8 @@ class Run:
                               seed=cfg.seed + round_idx, prev=prev)
 
     def label_table(self, clusters) -> LabelTable:
+        if self.supervised:
+            return LabelTable.supervised(self.k)
         if clusters is None:
             return LabelTable.rotnet()
         return LabelTable(clusters.keys, clusters.super, clusters.sub, clusters.super_sizes,
@@ -144,7 +156,7 @@ class Run:
     def run(self) -> None:
         resumed = self.resume()
         prev = load_cluster_state(self.run_dir, self.state["round"] - 1, self.env.rank) \
-            if self.state["round"] > 0 and self.cfg.cluster.k > 1 else None
+            if self.state["round"] > 0 and self.clusters_needed else None
         for round_idx in range(self.state["round"], self.num_rounds):
             if self.state["phase"] == "cluster":
                 clusters = self.cluster(round_idx, prev)
@@ -153,7 +165,7 @@ class Run:
                 self.save()
             else:  # resumed inside the training phase of this round
                 clusters = load_cluster_state(self.run_dir, round_idx, self.env.rank) \
-                    if self.cfg.cluster.k > 1 else None
+                    if self.clusters_needed else None
                 self.new_heads(round_idx)
                 if resumed and self._resume_per_rank.get("heads"):
                     self.heads.load_state_dict(self._resume_per_rank["heads"])

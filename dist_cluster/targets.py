@@ -50,11 +50,24 @@ class LabelTable:
         return torch.where(sizes > 0, sizes.sum() / (count * sizes.clamp_min(1)), 0).float()
 
     @classmethod
+    def supervised(cls, num_classes: int) -> "LabelTable":
+        """The shards' own labels as the one flat level (the supervised upper bound)."""
+        table = cls(None, None, None, None, None, num_classes, 1, "none")
+        table.from_batch = True
+        return table
+
+    from_batch = False  # supervised: the batch's labels are the targets
+
+    @classmethod
     def rotnet(cls) -> "LabelTable":
         """k = 1: every image in the one cluster, nothing to look up."""
         return cls(None, None, None, None, None, 1, 1, "none")
 
-    def lookup(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, keys: Sequence[str], labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.from_batch:
+            if labels is None or (labels < 0).any():
+                raise ValueError("supervised mode needs labelled shards (.cls in every sample)")
+            return torch.zeros(len(keys), dtype=torch.long), labels.long().cpu()
         if self.index is None:
             zeros = torch.zeros(len(keys), dtype=torch.long)
             return zeros, zeros.clone()
@@ -67,13 +80,13 @@ class LabelTable:
 
 
 def make_targets(images: torch.Tensor, keys: Sequence[str], table: LabelTable, rotations: int,
-                 all_rotations: bool, generator: torch.Generator) -> Targets:
+                 all_rotations: bool, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> Targets:
     """Rotate the batch (one random rotation per image, or all four) and build its targets.
 
     `generator` is a CPU generator seeded from (seed, epoch, step, rank): the rotations of a step
     are a function of where the run is, so a resumed run draws exactly the same ones.
     """
-    z1, z2 = table.lookup(keys)
+    z1, z2 = table.lookup(keys, labels)
     n = len(keys)
     if rotations == 1:
         rot = torch.zeros(n, dtype=torch.long)

@@ -145,14 +145,14 @@ def train_epoch(model, heads, table: LabelTable, loader, trunk_opt, head_opt, cf
     rank, steps_per_epoch = distributed.rank(), len(loader)
     sums = dict(loss_super=0.0, loss_sub=0.0, acc_super=0.0, acc_sub=0.0, n=0, data_time=0.0, step_time=0.0)
     epoch_start = tick = time.perf_counter()
-    for images, keys, _ in loader:
+    for images, keys, labels in loader:
         data_time = time.perf_counter() - tick
         generator = torch.Generator().manual_seed(
             step_seed(cfg.seed, progress_state["epoch"], progress_state["step"], rank))
         images = images.to(device, non_blocking=True)
         if cfg.model.channels_last and device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = make_targets(images, keys, table, t.rotations, t.all_rotations, generator)
+        targets = make_targets(images, keys, table, t.rotations, t.all_rotations, generator, labels)
         lr = lr_at(progress_state["global_step"], total_steps, t, steps_per_epoch)
         stats = train_step(model, heads, targets, trunk_opt, head_opt, lr, cfg, device)
         step_time = time.perf_counter() - tick - data_time
