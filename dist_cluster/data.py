@@ -9,36 +9,23 @@
 
 Plan (from the manifest alone, identical on every rank, independent of the epoch): shards go to
 ranks greedily (largest first to the least-loaded rank), then the same way to the rank's DataLoader
-workers; worker w reads only its own shards. Inside a worker: shards (shuffled per epoch) -> raw
-samples -> shuffle buffer -> resume skip (raw bytes, nothing decoded) -> decode + transform ->
-batch. Batch i of the epoch comes from worker i % W while every worker still has batches (the
-DataLoader's round robin), which is what `_batch_owners` replays to resume mid-epoch.
+workers; worker w reads only its own shards (the stream inside a worker: dist_cluster/data_worker.py).
+Batch i of the epoch comes from worker i % W while every worker still has batches (the DataLoader's
+round robin), which is what `_batch_owners` replays to resume mid-epoch.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import heapq
 import math
-import random
-import tarfile
-import warnings
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2.functional import to_dtype
+from torch.utils.data import DataLoader
 
+from .data_worker import STAT_KEYS, WorkerReader
 from .manifest import Manifest, ShardInfo, load_manifest
-
-STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_truncated",
-             "refilled", "skipped_resume")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # jpeg, png, gif (+ webp below)
 
 # ---------------------------------------------------------------- the plan (manifest only)
 
@@ -160,209 +147,6 @@ def _batch_owners(counts: list[int]) -> list[int]:
     return owners
 
 
-# ---------------------------------------------------------------- worker side
-
-
-def _split_name(name: str) -> tuple[Optional[str], str]:
-    """'dir/abc.seg.png' -> ('dir/abc', 'seg.png'): the WebDataset rule, key up to the first dot."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None, ""
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def read_tar(path: str, take: int, stats: dict) -> Iterator[dict]:
-    """The first `take` complete samples of one tar, as {'__key__': key, ext: bytes}.
-
-    A tar that ends early (cut file, bad header, missing file) is survived: the samples before the cut
-    are yielded, the partial one at the cut is dropped, and `take - yielded` is counted as lost.
-    """
-    yielded, pending, clean = 0, None, True
-    try:
-        with open(path, "rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-            for member in tar:
-                key, ext = _split_name(member.name)
-                if not member.isreg() or key is None:
-                    continue
-                if pending is not None and key != pending["__key__"]:
-                    yield pending
-                    yielded, pending = yielded + 1, None
-                    if yielded >= take:
-                        return
-                pending = pending or {"__key__": key}
-                pending[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        clean = False
-        warnings.warn(f"{path}: unreadable after {yielded} samples ({err!r}); rest of the shard skipped")
-    if pending is not None and clean and yielded < take:
-        yield pending
-        yielded += 1
-    if yielded < take:  # tarfile ends silently at a cut between members: the manifest count tells
-        stats["truncated_shards"] += 1
-        stats["lost_truncated"] += take - yielded
-
-
-def _seed64(*parts) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _image_bytes(sample: dict) -> Optional[bytes]:
-    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-
-
-def _parse_label(sample: dict, has_labels: bool) -> Optional[int]:
-    if not has_labels:
-        return -1
-    try:
-        return int(sample["cls"].decode("ascii").strip())
-    except (KeyError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def looks_decodable(sample: dict, has_labels: bool) -> bool:
-    """The checks of decode_sample short of decoding pixels: image member with a known signature,
-    a valid label. Resume skips with it, so a skipped prefix drops the same corrupt samples as a
-    full read, except images with a valid header and a broken body (seen only by decoding)."""
-    data = _image_bytes(sample)
-    if data is None or _parse_label(sample, has_labels) is None:
-        return False
-    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def decode_sample(sample: dict, has_labels: bool) -> Optional[tuple[torch.Tensor, int]]:
-    """(uint8 RGB [3,H,W], label) or None for a corrupt sample (no image, undecodable, bad .cls)."""
-    if not looks_decodable(sample, has_labels):
-        return None
-    label = _parse_label(sample, has_labels)
-    try:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders on every call
-            warnings.simplefilter("ignore", DeprecationWarning)
-            raw = torch.frombuffer(bytearray(_image_bytes(sample)), dtype=torch.uint8)
-            image = decode_image(raw, mode=ImageReadMode.RGB)
-    except Exception:  # noqa: BLE001 - any failure here is a property of the sample: counted skip
-        return None
-    if image.dtype != torch.uint8:  # 16-bit PNG
-        image = to_dtype(image, torch.uint8, scale=True)
-    return image, label
-
-
-class _WorkerReader:
-    """Pipeline stage run by each DataLoader worker on its own slot of the plan: yields batches.
-
-    A class, not a closure, so the pipeline also pickles under the spawn start method; the
-    counters are a shared-memory tensor, so the main process sees every worker's counts.
-    """
-
-    def __init__(self, cfg: dict, transform: Optional[Callable], counters: torch.Tensor):
-        self.cfg, self.transform, self.counters = cfg, transform, counters
-        # transforms.SampleThenBatch: the elementwise tail runs once on the stacked batch
-        self._per_sample = getattr(transform, "per_sample", transform)
-        self._finish_batch = getattr(transform, "finish_batch", None)
-
-    def __call__(self, slots: Iterator[dict]) -> Iterator[tuple]:
-        for slot in slots:  # exactly one: wds.split_by_worker kept this worker's slot
-            stats = dict.fromkeys(STAT_KEYS, 0)
-            try:
-                yield from self._batches(slot, stats)
-            finally:
-                self._flush(slot["worker"], stats)
-
-    def _flush(self, worker: int, stats: dict) -> None:
-        self.counters[worker] = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.int64)
-
-    def _raw_pass(self, slot: dict, pass_index: int, stats: dict) -> Iterator[dict]:
-        c, plan = self.cfg, list(slot["plan"])
-        seeds = (c["seed"], c["epoch"], c["rank"], slot["worker"], pass_index)
-        if c["shuffle"]:
-            random.Random(_seed64("shards", *seeds)).shuffle(plan)
-        samples = (s for name, take in plan for s in read_tar(str(Path(c["root"]) / name), take, stats))
-        if c["shuffle"] and c["shuffle_buffer"] > 1:
-            buffer = c["shuffle_buffer"]
-            samples = wds.shuffle(buffer, buffer, rng=random.Random(_seed64("buffer", *seeds)))(samples)
-        for sample in samples:
-            sample["__pass__"] = pass_index
-            yield sample
-
-    def _raw_stream(self, slot: dict, stats: dict) -> Iterator[dict]:
-        """Pass 0 of the worker's shards, then (equal_steps only) more passes while batches are owed."""
-        passes = range(1 << 30) if self.cfg["equal_steps"] else range(1)
-        for pass_index in passes:
-            count = 0
-            for sample in self._raw_pass(slot, pass_index, stats):
-                count += 1
-                yield sample
-            if count == 0 and self.cfg["equal_steps"]:
-                raise RuntimeError(f"rank {self.cfg['rank']} worker {slot['worker']}: no readable sample in "
-                                   f"{[n for n, _ in slot['plan']]}; cannot fill {slot['quota']} batches")
-
-    def _good_samples(self, raw: Iterator[dict], stats: dict) -> Iterator[tuple]:
-        c, last_good_pass = self.cfg, None
-        in_main = get_worker_info() is None
-        for sample in raw:
-            if last_good_pass is None:
-                last_good_pass = sample["__pass__"] - 1
-            if sample["__pass__"] > last_good_pass + 1:  # a whole pass without one good sample
-                raise RuntimeError(f"rank {c['rank']}: a full pass over a worker's shards gave no decodable "
-                                   f"sample ({stats['skipped_corrupt']} corrupt); cannot fill the epoch")
-            decoded = decode_sample(sample, c["has_labels"])
-            stats["decoded"] += 1
-            if decoded is None:
-                stats["skipped_corrupt"] += 1
-                continue
-            last_good_pass = sample["__pass__"]
-            image, label = decoded
-            if self.transform is not None:
-                # augmentations are a function of (seed, epoch, key, pass), so a resumed epoch repeats
-                # them; in the main process (num_workers=0) the caller's global RNG is left as it was
-                with torch.random.fork_rng(devices=[]) if in_main else contextlib.nullcontext():
-                    key_seed = _seed64(c["seed"], c["epoch"], sample["__key__"], sample["__pass__"])
-                    torch.default_generator.manual_seed(key_seed)  # 1 us; torch.manual_seed: 150 us
-                    image = self._per_sample(image)
-            yield image, sample["__key__"], label, sample["__pass__"]
-
-    def _batches(self, slot: dict, stats: dict) -> Iterator[tuple]:
-        c, batch_size = self.cfg, self.cfg["batch_size"]
-        if c["equal_steps"] and slot["skip_batches"] >= slot["quota"]:
-            return  # nothing owed (the passes of equal_steps never end by themselves)
-        raw = self._raw_stream(slot, stats)
-        to_skip = slot["skip_batches"] * batch_size
-        while to_skip > 0:  # resume: the raw samples of this worker's skipped batches, none decoded
-            sample = next(raw, None)
-            if sample is None:
-                break
-            stats["skipped_resume"] += 1
-            if looks_decodable(sample, c["has_labels"]):
-                to_skip -= 1
-            else:
-                stats["skipped_corrupt"] += 1
-        made, items = slot["skip_batches"], []
-        for item in self._good_samples(raw, stats):
-            items.append(item)
-            if len(items) == batch_size:
-                batch = self._collate(items, stats)
-                self._flush(slot["worker"], stats)  # before the yield: the main process reads them with it
-                yield batch
-                made, items = made + 1, []
-                if c["equal_steps"] and made == slot["quota"]:
-                    return
-        if items:  # extraction only: equal_steps never runs dry (more passes)
-            yield self._collate(items, stats)
-
-    def _collate(self, items: list[tuple], stats: dict) -> tuple:
-        images, keys, labels, passes = zip(*items)
-        if len({tuple(i.shape) for i in images}) > 1:
-            raise ValueError(f"images of different shapes in one batch {sorted({tuple(i.shape) for i in images})}: "
-                             f"the transform must end in a fixed-size crop")
-        stats["samples"] += len(items)
-        stats["refilled"] += sum(p > 0 for p in passes)
-        batch = torch.stack(images)
-        if self._finish_batch is not None:
-            batch = self._finish_batch(batch)
-        return batch, list(keys), torch.tensor(labels, dtype=torch.long)
-
-
 # ---------------------------------------------------------------- the loader
 
 
@@ -381,7 +165,8 @@ class ShardLoader:
     def __init__(self, shard_dir: str, rank: int, world: int, batch_size: int, num_workers: int,
                  transform: Optional[Callable] = None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                  equal_steps: bool = True, skip_batches: int = 0, shuffle_buffer: int = 1000,
-                 max_samples: int = 0, pin_memory: bool = False, mp_context: Optional[str] = None):
+                 max_samples: int = 0, pin_memory: bool = False, mp_context: Optional[str] = None,
+                 device: Optional[torch.device] = None):
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         self.manifest = load_manifest(shard_dir)
@@ -389,6 +174,7 @@ class ShardLoader:
         self.capacities = [sum(t for _, t in p) for p in self.plans]
         self.num_workers, self.pin_memory, self.transform = num_workers, pin_memory, transform
         self.mp_context = mp_context  # None: the platform default; "fork" starts workers fastest
+        self.device = device  # set: uint8 batches go there and are normalised there (4x less IPC, PCIe)
         if equal_steps:
             steps = steps_per_epoch(self.manifest, world, batch_size, num_workers, max_samples)
             self.worker_batches = _worker_quotas([c // batch_size for c in self.capacities], steps)
@@ -396,7 +182,7 @@ class ShardLoader:
             self.worker_batches = [math.ceil(c / batch_size) for c in self.capacities]
         self.cfg = dict(root=str(shard_dir), rank=rank, world=world, batch_size=batch_size, seed=seed,
                         shuffle=shuffle, shuffle_buffer=shuffle_buffer, equal_steps=equal_steps,
-                        has_labels=self.manifest.has_labels)
+                        has_labels=self.manifest.has_labels, finish_in_worker=device is None)
         self._counters = torch.zeros(len(self.plans), len(STAT_KEYS), dtype=torch.int64).share_memory_()
         self.set_epoch(epoch, skip_batches)
 
@@ -429,21 +215,32 @@ class ShardLoader:
                  for w, (p, q, s) in enumerate(zip(self.plans, self.worker_batches, self._skips))]
         slots = slots[self._first_slot:] + slots[:self._first_slot]
         pipeline = wds.DataPipeline([slots], wds.split_by_worker,  # [slots]: a list arg is read as stages
-                                    _WorkerReader(dict(self.cfg), self.transform, self._counters))
+                                    WorkerReader(dict(self.cfg), self.transform, self._counters))
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False, in_order=True,
                             multiprocessing_context=self.mp_context if self.num_workers else None,
                             generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-        return iter(loader)
+        if self.device is None:
+            yield from loader
+            return
+        finish = getattr(self.transform, "finish_batch", None)
+        for images, keys, labels in loader:
+            images = images.to(self.device, non_blocking=True)
+            yield (finish(images) if finish is not None else images), keys, labels
 
 
 def make_loader(cfg_data, shard_dir: str, rank: int, world: int, transform: Callable, seed: int, epoch: int,
                 train: bool, skip_batches: int = 0) -> ShardLoader:
-    """ShardLoader from the `data` config section: train=True shuffles with equal steps, else extraction."""
+    """ShardLoader from the `data` config section: train=True shuffles with equal steps, else extraction.
+
+    With CUDA, batches arrive on this rank's current GPU, normalised there (uint8 crosses from the
+    workers and over PCIe: 4x less than float32); on CPU the workers normalise them.
+    """
+    cuda = torch.cuda.is_available()
     return ShardLoader(shard_dir, rank, world, cfg_data.batch_size, cfg_data.num_workers, transform, seed, epoch,
                        shuffle=train, equal_steps=train, skip_batches=skip_batches,
-                       shuffle_buffer=cfg_data.shuffle_buffer, max_samples=cfg_data.max_samples,
-                       pin_memory=torch.cuda.is_available())
+                       shuffle_buffer=cfg_data.shuffle_buffer, max_samples=cfg_data.max_samples, pin_memory=cuda,
+                       device=torch.device("cuda", torch.cuda.current_device()) if cuda else None)
 
 
 def reduce_stats(stats: dict, group=None) -> dict:

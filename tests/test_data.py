@@ -140,9 +140,9 @@ def test_extraction_and_training_epochs_across_ranks(even, world):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_same_seed_same_order_new_epoch_new_order(even, workers):
-    def epoch(e, seed=0):
+    def epoch(e, seed=0, device=None):
         loader = ShardLoader(even.root, 1, 2, BATCH, workers, train_transform(12, 0.5), seed=seed, epoch=e,
-                             shuffle=True, equal_steps=True, shuffle_buffer=10)
+                             shuffle=True, equal_steps=True, shuffle_buffer=10, device=device)
         keys, images, _ = _collect(loader)
         return _flat(keys), torch.cat(images)
 
@@ -155,6 +155,8 @@ def test_same_seed_same_order_new_epoch_new_order(even, workers):
     keys1, _ = epoch(1)
     keys_seed, _ = epoch(0, seed=1)
     assert keys0 == keys0b and torch.equal(images0, images0b)  # augmentations included
+    keys_dev, images_dev = epoch(0, device=torch.device("cpu"))  # uint8 out of the workers, normalised here
+    assert keys_dev == keys0 and torch.allclose(images_dev, images0, atol=1e-6)
     assert keys1 != keys0 and sorted(keys1) == sorted(keys0)  # reshuffled, same rank's samples
     assert keys_seed != keys0
     assert len(keys0) == len(set(keys0)) == 48  # half of the 96 keys, none twice

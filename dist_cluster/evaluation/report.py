@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ..data import IMAGE_EXTS
+from ..data_worker import IMAGE_EXTS
 from ..logger import read_metrics
 from ..manifest import load_manifest
 from ..transforms import extract_transform
