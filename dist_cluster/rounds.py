@@ -72,6 +72,7 @@ class Run:
         self.trunk_opt = sgd(self.module.trunk.parameters(), cfg.train)
         self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
         self.heads = self.head_opt = None
+        self._resumed = None  # (shared, per-rank) checkpoint contents after resume()
 
     @property
     def clusters_needed(self) -> bool:
@@ -142,9 +143,19 @@ class Run:
         self.trunk_opt.load_state_dict(shared["trunk_opt"])
         self.state = dict(shared["progress"])
         torch.set_rng_state(per_rank["rng"].cpu())
-        self._resume_per_rank = per_rank
+        self._resumed = (shared, per_rank)
         distributed.print0(f"resumed from {self.run_dir}/checkpoints/last.pt at {self.state}")
         return True
+
+    def restore_heads(self, round_idx: int) -> None:
+        """Resumed mid-round: the heads (super head included) and their optimiser as saved."""
+        self.new_heads(round_idx)  # builds heads and optimiser; the saved values then overwrite them
+        shared, per_rank = self._resumed
+        self.module.super_head.load_state_dict(
+            {k.removeprefix("super_head."): v for k, v in shared["model"].items() if k.startswith("super_head.")})
+        if self.heads is not None:
+            self.heads.load_state_dict(per_rank["heads"])
+        self.head_opt.load_state_dict(per_rank["head_opt"])
 
     def maybe_checkpoint(self, state: dict) -> None:
         every = self.cfg.train.ckpt_every_steps
@@ -154,7 +165,7 @@ class Run:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> None:
-        resumed = self.resume()
+        self.resume()
         prev = load_cluster_state(self.run_dir, self.state["round"] - 1, self.env.rank) \
             if self.state["round"] > 0 and self.clusters_needed else None
         for round_idx in range(self.state["round"], self.num_rounds):
@@ -166,12 +177,7 @@ class Run:
             else:  # resumed inside the training phase of this round
                 clusters = load_cluster_state(self.run_dir, round_idx, self.env.rank) \
                     if self.clusters_needed else None
-                self.new_heads(round_idx)
-                if resumed and self._resume_per_rank.get("heads"):
-                    self.heads.load_state_dict(self._resume_per_rank["heads"])
-                if resumed and self._resume_per_rank.get("head_opt"):
-                    self.head_opt.load_state_dict(self._resume_per_rank["head_opt"])
-            resumed = False
+                self.restore_heads(round_idx)
             self.train_round(round_idx, self.label_table(clusters))
             prev = clusters
             self.state.update(round=round_idx + 1, phase="cluster", step=0)

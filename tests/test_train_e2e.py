@@ -1,10 +1,9 @@
 """End to end through the real launcher: torchrun, 2 CPU ranks, Fashion-MNIST subset shards.
 
 - 2 rounds run: every stage logged, every image labelled exactly once on its own rank, export written.
-- kill -9 mid-run, same command again: the resumed run logs the same losses at the same steps as an
-  uninterrupted one.
+- kill -9 mid-run (torchrun and every rank), same command again: the resumed run logs the same
+  losses at the same steps as an uninterrupted one.
 """
-import json
 import os
 import signal
 import subprocess
@@ -67,29 +66,60 @@ def test_two_rounds_end_to_end(shards, tmp_path):
         assert np.isfinite(e["loss_super"]) and np.isfinite(e["loss_sub"])
 
 
-def test_kill_and_resume_matches_uninterrupted(shards, tmp_path):
-    settings = ("train.epochs=3", "train.reassign=2", "train.ckpt_every_steps=4", "train.log_every_steps=1")
-    reference = tmp_path / "reference"
-    run_train(reference, shards, *settings)
+SETTINGS = ("train.epochs=3", "train.reassign=2", "train.ckpt_every_steps=4", "train.log_every_steps=1")
 
-    resumed = tmp_path / "resumed"
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted run (3 epochs, 2 rounds) to compare the interrupted ones with."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_train(run_dir, shards, *SETTINGS)
+    return losses_by_step(run_dir)
+
+
+def start_and_kill_at(run_dir, shards, step, kill, *torchrun_args):
+    """Start a run, wait until it logged `step`, then kill(proc); return once torchrun exited."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(torchrun_cmd(resumed, shards, *settings), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = torchrun_cmd(run_dir, shards, *SETTINGS)
+    cmd[1:1] = list(torchrun_args)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:  # kill once past a mid-epoch checkpoint
-        steps = [e["step"] for e in read_metrics(resumed, "train")]
-        if steps and max(steps) >= 14:
+        steps = [e["step"] for e in read_metrics(run_dir, "train")]
+        if steps and max(steps) >= step:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    progress = json.loads(json.dumps(read_metrics(resumed, "train")[-1]))
-    assert progress["step"] < 27  # really interrupted (3 epochs x 9 steps)
-    run_train(resumed, shards, *settings)
+    kill(proc)
+    output, _ = proc.communicate(timeout=240)
+    return proc.returncode, output
 
-    expected, got = losses_by_step(reference), losses_by_step(resumed)
+
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [d for c in map(int, children) for d in [c, *descendants(c)]]
+
+
+def kill_everything(proc) -> None:
+    """kill -9 the job: torchrun and every process under it (ranks run in sessions of their own)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def assert_same_losses(run_dir, expected):
+    got = losses_by_step(run_dir)
     assert sorted(got) == sorted(expected)
     for step in expected:
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-4, atol=1e-5, err_msg=f"step {step}")
+
+
+def test_kill_and_resume_matches_uninterrupted(shards, tmp_path, reference):
+    run_dir = tmp_path / "resumed"
+    start_and_kill_at(run_dir, shards, 14, kill_everything)
+    assert max(e["step"] for e in read_metrics(run_dir, "train")) < 27  # really interrupted (3 x 9 steps)
+    run_train(run_dir, shards, *SETTINGS)  # the same command again resumes
+    assert_same_losses(run_dir, reference)
