@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -39,12 +38,6 @@ def make_rows(start: int, stop: int, d: int, seed: int, modes: int) -> np.ndarra
         lo, hi = max(start, block * BLOCK), min(stop, (block + 1) * BLOCK)
         out[lo - start:hi - start] = rows[lo - block * BLOCK:hi - block * BLOCK]
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank, world, port, args, init, queue):
@@ -74,8 +67,9 @@ def _rank_main(rank, world, port, args, init, queue):
 
 
 def run_ours(world: int, args, init: np.ndarray) -> dict:
+    from dist_cluster.distributed import free_port
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, init, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -39,7 +39,8 @@ class DistEnv:
 _ENV: Optional[DistEnv] = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (single-host rendezvous: tests, benchmarks, one process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,7 +69,7 @@ def detect_ranks(environ: Optional[dict] = None) -> tuple[int, int, int]:
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         return rank, world, int(env.get("SLURM_LOCALID", 0))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(free_port()))
     return 0, 1, 0
 
 

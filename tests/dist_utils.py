@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_cluster.distributed import free_port
 
 
 def _worker(fn, rank, world_size, port, args, queue, threads):
@@ -48,7 +43,7 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 180, threa
     terminated below if they outlive the test."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue, threads), daemon=daemon)
              for r in range(world_size)]
     for p in procs:
