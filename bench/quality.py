@@ -106,10 +106,12 @@ def main() -> None:
     parser.add_argument("--layer-dims", type=int, default=1024, help="per-layer probe width (papers: ~10k)")
     parser.add_argument("--runs", default=str(ROOT / "bench" / "runs"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw-pixel baseline (sweeps)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = parser.parse_args()
-    rows = {"raw pixels": raw_pixels(args)}
-    print_table(rows)
+    rows = {} if args.no_raw else {"raw pixels": raw_pixels(args)}
+    if rows:
+        print_table(rows)
     for method in args.methods.split(","):
         rows[method] = train_and_eval(method, args)
         print_table(rows)
