@@ -100,6 +100,7 @@ class Run:
                 cfg.model.channels_last, tag=f"round{round_idx}")
         data_stats = reduce_stats(loader.stats)
         self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
+                          features_bytes_rank0=feats.numel() * feats.element_size(),
                           img_per_s=data_stats["samples"] / max(timer.seconds, 1e-9), data_stats=data_stats)
         return run_clustering(feats, keys, cfg.cluster, round_idx, self.run_dir, self.logger,
                               seed=cfg.seed + round_idx, prev=prev)

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_cluster.config import load_config
 from dist_cluster.logger import read_metrics
+from dist_cluster.plan import predicted_smoke
 from dist_cluster.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +51,16 @@ def losses_by_step(run_dir):
     return {e["step"]: (e["loss_super"], e["loss_sub"]) for e in read_metrics(run_dir, "train")}
 
 
-def test_two_rounds_end_to_end(shards, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def smoke_run(shards, tmp_path_factory):
+    """configs/smoke.yaml as the benchmarks run it: 2 rounds on 2 ranks."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
     run_train(run_dir, shards)
+    return run_dir
+
+
+def test_two_rounds_end_to_end(shards, smoke_run):
+    run_dir = smoke_run
     stages = {e["stage"] for e in read_metrics(run_dir)}
     assert {"extract", "pca", "kmeans", "train", "epoch", "done"} <= stages
     assert (run_dir / "config.yaml").exists() and list((run_dir / "export").iterdir())
@@ -64,6 +73,24 @@ def test_two_rounds_end_to_end(shards, tmp_path):
     assert len(all_keys) == load_manifest(shards).num_samples == 1200
     for e in read_metrics(run_dir, "train"):
         assert np.isfinite(e["loss_super"]) and np.isfinite(e["loss_sub"])
+
+
+def test_planner_agrees_with_the_smoke_run(shards, smoke_run):
+    """What `python -m dist_cluster.plan` predicts for this config is what the run measured/wrote."""
+    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), [f"data.train={shards}"])
+    predicted = predicted_smoke(cfg, 2, load_manifest(shards).num_samples)
+    extracts = read_metrics(smoke_run, "extract")
+    assert predicted["rounds"] == len(extracts) == 2
+    assert predicted["steps_per_epoch"] == read_metrics(smoke_run, "epoch")[0]["steps"]
+    assert predicted["features_bytes_per_rank"] == extracts[0]["features_bytes_rank0"]
+    clusters = smoke_run / "clusters" / "round_0"
+    npy_header = 128
+    assert (clusters / "centroids_super.npy").stat().st_size == predicted["centroids_super_bytes"] + npy_header
+    for path in clusters.glob("centroids_sub.*.npy"):
+        assert path.stat().st_size == predicted["centroids_sub_bytes_each"] + npy_header
+    # last.pt: trunk + super head weights and their SGD momentum (+ BN buffers and pickling overhead)
+    last = (smoke_run / "checkpoints" / "last.pt").stat().st_size
+    assert predicted["checkpoint_replicated_bytes"] <= last <= 1.15 * predicted["checkpoint_replicated_bytes"]
 
 
 SETTINGS = ("train.epochs=3", "train.reassign=2", "train.ckpt_every_steps=4", "train.log_every_steps=1")
