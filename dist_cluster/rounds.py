@@ -6,6 +6,9 @@ Resume: the same command finds RUN/checkpoints/last.pt and continues where it st
 after the clustering of a round (assignments are reloaded from RUN/clusters/round_<r>/ when they are
 complete, recomputed otherwise; clustering is deterministic given the trunk), or mid-epoch (the
 loader skips the batches already done without decoding them).
+
+Preemption (preemption.py): on SLURM's USR2 every rank saves the same step and stops; `train()`
+then hands over to submitit's requeue (slurm.Trainer) or exits with PREEMPTED_EXIT_CODE.
 """
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, preemption
 from .cluster.stage import load_cluster_state, run_clustering
+from .config import save_config
 from .data import ShardLoader, make_loader, reduce_stats, steps_per_epoch
 from .extract import extract_features
 from .heads import RoutedHeads, TrunkAndSuperHead
@@ -146,6 +151,8 @@ class Run:
         torch.set_rng_state(per_rank["rng"].cpu())
         self._resumed = (shared, per_rank)
         distributed.print0(f"resumed from {self.run_dir}/checkpoints/last.pt at {self.state}")
+        self.logger.event("resume", step=self.state["global_step"], round=self.state["round"],
+                          epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"])
         return True
 
     def restore_heads(self, round_idx: int) -> None:
@@ -193,10 +200,22 @@ class Run:
             summary = train_epoch(self.model, self.heads, table, loader, self.trunk_opt, self.head_opt,
                                   self.cfg, self.device, self.logger, self.state, self.total_steps,
                                   on_step=self.maybe_checkpoint)
+            preempted = summary.pop("preempted")
+            if preempted and self.state["step"] < self.steps:  # stopped mid-epoch
+                self.stop_for_preemption()
             self.logger.event("epoch", step=self.state["global_step"], round=round_idx, epoch=epoch,
                               data_stats=reduce_stats(loader.stats), **summary)
             self.state.update(epoch=epoch + 1, step=0)
             self.save()
+            if preempted:  # the signal came with the epoch's last step: that save is the checkpoint
+                self.stop_for_preemption(save=False)
+
+    def stop_for_preemption(self, save: bool = True):
+        if save:
+            self.save()
+        self.logger.event("preempted", step=self.state["global_step"], round=self.state["round"],
+                          epoch=self.state["epoch"], epoch_step=self.state["step"])
+        raise preemption.Preempted(self.state["global_step"])
 
     def finish(self) -> None:
         if distributed.is_main():
@@ -204,3 +223,27 @@ class Run:
             distributed.print0(f"exported backbone to {path}")
         self.logger.event("done", step=self.state["global_step"], rounds=self.num_rounds)
         self.logger.close()
+
+
+def train(cfg, on_preempted=None) -> None:
+    """One rank's whole run (launch/train.py, slurm.Trainer): init, Run(cfg).run(), shutdown.
+
+    On the preemption signal all ranks save the same step; then `on_preempted(stop, previous_handler)`
+    runs on every rank (slurm.Trainer: submitit's requeue on task 0), the ranks meet at a barrier
+    so that none exits before the requeue is asked for, and each exits with PREEMPTED_EXIT_CODE
+    unless on_preempted exited first.
+    """
+    previous_handler = preemption.install()  # before init: a signal during start-up is kept
+    with distributed.session(cfg.dist):
+        if distributed.is_main():
+            save_config(cfg, cfg.run_dir)
+        try:
+            Run(cfg).run()
+        except preemption.Preempted as stop:
+            distributed.print0(str(stop))
+            try:
+                if on_preempted is not None:
+                    on_preempted(stop, previous_handler)
+            finally:
+                dist.barrier()
+            raise SystemExit(preemption.PREEMPTED_EXIT_CODE) from None

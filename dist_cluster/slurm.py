@@ -18,9 +18,11 @@ Preemption and time limits, as submitit 1.5.4 does them (read in its source):
   the job's pickle, runs `scontrol requeue` and exits; the other tasks only log, and die with the
   job. A preemption does not count against `max_num_timeout`; a time-out does (submitit calls it
   a time-out when the job has run past min(80 %, limit - 10 min) of its time limit).
+- We displace that handler (preemption.install, on every task): the signal is recorded, every
+  rank saves the step it is in (the flag rides the per-step all_reduce), and only then task 0
+  hands the signal to submitit's handler, which requeues. No step is redone.
 - The requeued job builds `Trainer(config, overrides)` afresh: the trainer itself resumes from
   RUN/checkpoints/last.pt, so nothing but the constructor arguments travels through the pickle.
-  Steps since the last periodic checkpoint (train.ckpt_every_steps) are redone.
 
 `LocalExecutor` (tests): tasks get SUBMITIT_LOCAL_* variables and the controller restarts them
 when a task exits with submitit's requeue code. Its `LocalJob._interrupt()` (no `timeout`
@@ -39,7 +41,7 @@ from typing import Mapping, MutableMapping, Optional, Sequence
 import submitit
 from submitit.helpers import DelayedSubmission
 
-DEFAULT_SIGNAL_DELAY_S = 120  # USR2 this long before the kill: time to requeue (checkpoints are periodic)
+DEFAULT_SIGNAL_DELAY_S = 120  # USR2 this long before the kill: time to finish a step, save it, requeue
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -79,15 +81,18 @@ class Trainer(ResumableJob):
 
     def __call__(self, extra: Sequence[str] = ()) -> str:
         export_dist_env()
-        from dist_cluster import distributed
-        from dist_cluster.config import load_config, save_config
+        from dist_cluster.config import load_config
+        from dist_cluster.rounds import train
         cfg = load_config(self.config, [*self.overrides, *extra])
-        with distributed.session(cfg.dist):
-            from dist_cluster.rounds import Run  # after init: the run builds process groups
-            if distributed.is_main():
-                save_config(cfg, cfg.run_dir)
-            Run(cfg).run()
+        train(cfg, on_preempted=_requeue_on_task_zero)
         return str(cfg.run_dir)
+
+
+def _requeue_on_task_zero(stop, submitit_handler) -> None:
+    """Every rank's checkpoint is on disk: now let submitit's handler requeue (it calls
+    `checkpoint()` and exits on task 0; on the other tasks it only logs)."""
+    if callable(submitit_handler):
+        submitit_handler(stop.signum, None)
 
 
 # ----------------------------------------------------------------------------- ranks

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import distributed
+from . import distributed, preemption
 from .extract import autocast_for
 from .targets import LabelTable, make_targets
 
@@ -45,12 +45,14 @@ def sgd(params, cfg_train) -> torch.optim.SGD:
 
 @dataclass
 class StepStats:
-    """Per-step numbers summed over ranks with one all_reduce (also carries the NaN check)."""
+    """Per-step numbers summed over ranks with one all_reduce (also carries the NaN check and the
+    preemption flag, so every rank learns of a signal after the same step)."""
     loss_super: float
     loss_sub: float
     acc_super: float
     acc_sub: float
     images: int
+    preempted: bool = False
 
 
 def weighted_ce_local(logits, target, weight, world: int):
@@ -64,8 +66,8 @@ def weighted_ce_local(logits, target, weight, world: int):
 def reduce_step_stats(loss_super, loss_sub, correct_super, correct_sub, rows_sub, n, world) -> StepStats:
     finite = float(torch.isfinite(loss_super).item() and torch.isfinite(loss_sub).item())
     vec = torch.tensor([loss_super.item() if finite else 0.0, loss_sub.item() if finite else 0.0,
-                        float(correct_super), float(correct_sub), float(rows_sub), float(n), 1.0 - finite],
-                       dtype=torch.float64)
+                        float(correct_super), float(correct_sub), float(rows_sub), float(n), 1.0 - finite,
+                        float(preemption.requested())], dtype=torch.float64)
     dist.all_reduce(vec)
     if vec[6] > 0:
         raise FloatingPointError(
@@ -73,7 +75,7 @@ def reduce_step_stats(loss_super, loss_sub, correct_super, correct_sub, rows_sub
             "good state (lower train.lr or check the data)")
     return StepStats(loss_super=vec[0].item() / world, loss_sub=vec[1].item() / world,
                      acc_super=vec[2].item() / max(vec[5].item(), 1), acc_sub=vec[3].item() / max(vec[4].item(), 1),
-                     images=int(vec[5].item()))
+                     images=int(vec[5].item()), preempted=bool(vec[7] > 0))
 
 
 class PhaseTimer:
@@ -139,11 +141,14 @@ def train_epoch(model, heads, table: LabelTable, loader, trunk_opt, head_opt, cf
 
     progress_state: round, epoch, step (next batch index in the epoch), global_step; updated in place.
     on_step(progress_state) is called after every step (checkpointing decides there).
+    A preemption signal on any rank ends the epoch after the current step on every rank, with
+    summary["preempted"] = True (the caller saves and stops).
     """
     model.train()
     t = cfg.train
     rank, steps_per_epoch = distributed.rank(), len(loader)
     sums = dict(loss_super=0.0, loss_sub=0.0, acc_super=0.0, acc_sub=0.0, n=0, data_time=0.0, step_time=0.0)
+    preempted = False
     epoch_start = tick = time.perf_counter()
     for images, keys, labels in loader:
         data_time = time.perf_counter() - tick
@@ -169,11 +174,14 @@ def train_epoch(model, heads, table: LabelTable, loader, trunk_opt, head_opt, cf
                          loss_sub=stats.loss_sub, acc_super=stats.acc_super, acc_sub=stats.acc_sub,
                          img_per_s=stats.images / max(data_time + step_time, 1e-9),
                          data_time=data_time, step_time=step_time)
+        if stats.preempted:
+            preempted = True
+            break
         if on_step is not None:
             on_step(progress_state)
         tick = time.perf_counter()
     n = max(sums.pop("n"), 1)
     seconds = time.perf_counter() - epoch_start
     summary = {key: value / n for key, value in sums.items()}
-    summary.update(steps=n, seconds=seconds)
+    summary.update(steps=n, seconds=seconds, preempted=preempted)
     return summary

@@ -6,6 +6,8 @@
 
 Any config key can be overridden as key=value (see dist_cluster/config.py); unknown keys fail before
 any work. Running the same command again resumes from RUN/checkpoints/last.pt.
+On USR2 (SLURM's `--signal=USR2@<delay>`, sent to every rank) the ranks save the step they are in
+and exit with code 75; under SLURM use one task per GPU (`srun`), not torchrun, which USR2 kills.
 """
 import argparse
 import sys
@@ -13,8 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_cluster import distributed  # noqa: E402
-from dist_cluster.config import ConfigError, load_config, save_config  # noqa: E402
+from dist_cluster.config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -26,11 +27,8 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    with distributed.session(cfg.dist):
-        from dist_cluster.rounds import Run  # after init: the run builds process groups
-        if distributed.is_main():
-            save_config(cfg, cfg.run_dir)
-        Run(cfg).run()
+    from dist_cluster.rounds import train  # after the config is known good: torch imports take seconds
+    train(cfg)
 
 
 if __name__ == "__main__":

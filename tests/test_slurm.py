@@ -230,9 +230,9 @@ def test_checkpoint_resubmits_a_fresh_instance_with_the_same_arguments():
         ("cfg.yaml", ["run_dir=/r"], (["cluster.k=10"],))
 
 
-@pytest.mark.slow
-def test_trainer_smoke_run_survives_preemption(tmp_path, importable_tests):
-    """The real Trainer on 2 local tasks: preempted after its first checkpoint, it finishes the run."""
+def test_trainer_preempted_mid_epoch_saves_requeues_and_finishes(tmp_path, importable_tests):
+    """The real Trainer on 2 local tasks, USR2 mid-epoch with no periodic checkpoint: every rank
+    saves the step it is in, task 0 requeues, the new job resumes at that step and finishes."""
     from dist_cluster.logger import read_metrics
     from shards.build import main as build_main
     shards = tmp_path / "shards"
@@ -242,21 +242,27 @@ def test_trainer_smoke_run_survives_preemption(tmp_path, importable_tests):
     executor = submitit.LocalExecutor(folder=str(tmp_path / "submitit"), max_num_timeout=3)
     executor.update_parameters(tasks_per_node=2, timeout_min=10)
     job = executor.submit(slurm.Trainer(str(REPO / "configs" / "smoke.yaml"),
-                                        [f"run_dir={run}", f"data.train={shards}", "data.num_workers=0"]))
-    def first_checkpoint():
-        if job.done():  # failed before checkpointing: show why instead of waiting
+                                        [f"run_dir={run}", f"data.train={shards}", "data.num_workers=0",
+                                         "train.ckpt_every_steps=0", "train.log_every_steps=1"]))
+
+    def second_epoch_started():
+        if job.done():  # failed before it got there: show why instead of waiting
             raise AssertionError(f"job ended early:\n{job.stderr()}")
-        return (run / "checkpoints" / "last.pt").exists()
-    wait_for(first_checkpoint, 300, "a first checkpoint")
+        return any(e["epoch"] == 1 for e in read_metrics(run, "train"))
+    wait_for(second_epoch_started, 300, "the second epoch")
     for pid in _children(job._process.pid):  # SLURM signals every task; rank 0 requeues
         os.kill(pid, signal.SIGUSR2)
     finished(job, timeout=400)
     assert job.results() == [str(run)] * 2
-    assert len(read_metrics(run, "done")) == 1
     logs = (job.stderr() or "") + (job.stdout() or "")
     assert "Requeued job" in logs and "resumed from" in logs
-    # the requeued job went on from last.pt: no round was extracted and clustered twice
-    assert [e["round"] for e in read_metrics(run, "extract")] == [0, 1]
+    (stop,) = read_metrics(run, "preempted")
+    (resumed,) = read_metrics(run, "resume")
+    assert resumed["step"] == stop["step"] and stop["epoch"] == 1
+    steps = [e["step"] for e in read_metrics(run, "train")]
+    assert steps == sorted(set(steps)), "a step was done twice"
+    assert len(read_metrics(run, "done")) == 1
+    assert [e["round"] for e in read_metrics(run, "extract")] == [0, 1]  # no round clustered twice
 
 
 def _children(pid: int) -> list[int]:

@@ -3,6 +3,8 @@
 - 2 rounds run: every stage logged, every image labelled exactly once on its own rank, export written.
 - kill -9 mid-run (torchrun and every rank), same command again: the resumed run logs the same
   losses at the same steps as an uninterrupted one.
+- USR2 to one rank (SLURM's preemption notice): both ranks save the step they are in and exit 75;
+  the same command resumes at that very step, with no step done twice.
 """
 import os
 import signal
@@ -104,10 +106,10 @@ def reference(shards, tmp_path_factory):
     return losses_by_step(run_dir)
 
 
-def start_and_kill_at(run_dir, shards, step, kill, *torchrun_args):
+def start_and_kill_at(run_dir, shards, step, kill, *torchrun_args, overrides=()):
     """Start a run, wait until it logged `step`, then kill(proc); return once torchrun exited."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = torchrun_cmd(run_dir, shards, *SETTINGS)
+    cmd = torchrun_cmd(run_dir, shards, *SETTINGS, *overrides)
     cmd[1:1] = list(torchrun_args)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -149,4 +151,30 @@ def test_kill_and_resume_matches_uninterrupted(shards, tmp_path, reference):
     start_and_kill_at(run_dir, shards, 14, kill_everything)
     assert max(e["step"] for e in read_metrics(run_dir, "train")) < 27  # really interrupted (3 x 9 steps)
     run_train(run_dir, shards, *SETTINGS)  # the same command again resumes
+    assert_same_losses(run_dir, reference)
+
+
+def signal_one_rank(proc) -> None:
+    """USR2 to rank processes only (torchrun's children), and to one of them: SLURM signals
+    every task, but not at the same instant."""
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[-1]), signal.SIGUSR2)
+
+
+def test_preemption_signal_saves_the_current_step_and_resumes_there(shards, tmp_path, reference):
+    run_dir = tmp_path / "preempted"
+    no_periodic = ("train.ckpt_every_steps=0",)  # only the signal can explain a mid-epoch checkpoint
+    code, output = start_and_kill_at(run_dir, shards, 12, signal_one_rank, overrides=no_periodic)
+    assert code != 0 and "preempted by SIGUSR2 at step" in output, output[-3000:]
+    (stop,) = read_metrics(run_dir, "preempted")
+    assert 12 <= stop["step"] < 27 and 0 <= stop["epoch_step"] < 9
+    import torch
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["global_step"] == stop["step"] == last["progress"]["global_step"]
+    run_train(run_dir, shards, *SETTINGS, *no_periodic)
+    (resumed,) = read_metrics(run_dir, "resume")
+    assert resumed["step"] == stop["step"]
+    steps = [e["step"] for e in read_metrics(run_dir, "train")]
+    assert len(steps) == len(set(steps)), "a step was done twice"
     assert_same_losses(run_dir, reference)
