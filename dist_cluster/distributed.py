@@ -158,6 +158,25 @@ def session(cfg_dist=None) -> Iterator[DistEnv]:
     shutdown()
 
 
+def loopback_bytes() -> Optional[int]:
+    """Bytes the loopback interface has carried so far (Linux /proc/net/dev), or None.
+
+    On one host, gloo moves every inter-rank byte over `lo`, each byte counted once: the difference
+    across a stage is the traffic of all ranks together, measured on the wire rather than modelled.
+    This is how runs check the planner's network figures (tests, benchmarks); on several hosts it
+    sees only what stays on this one, and NCCL's NVLink / InfiniBand traffic not at all.
+    """
+    try:
+        with open("/proc/net/dev") as f:
+            for line in f:
+                name, _, counters = line.partition(":")
+                if name.strip() == "lo":
+                    return int(counters.split()[0])  # received bytes (= transmitted, on lo)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # ---------------------------------------------------------------- groups
 
 

@@ -278,6 +278,8 @@ def predicted_smoke(cfg, world: int, num_samples: int) -> dict:
             "level1_net_bytes_per_rank": rows["level1"].net_bytes_round,
             "level2_net_bytes_per_rank": rows["level2"].net_bytes_round,
             "route_bytes_per_rank": rows["route"].net_bytes_round,
+            "return_net_bytes_per_rank": rows["return"].net_bytes_round,
+            "cluster_net_bytes_per_rank_round": sum(r.net_bytes_round for name, r in rows.items() if name != "train"),
             "train_net_bytes_per_step": rows["train"].net_bytes_step,
             "checkpoint_replicated_bytes": (cost.params + cost.feature_dim * s.heads + s.heads) * 4 * 2}
 

@@ -98,6 +98,7 @@ class Run:
         if not self.clusters_needed:
             return None
         loader = self.loader(round_idx, train=False)
+        wire_start = distributed.loopback_bytes()
         with Timer() as timer:
             feats, keys, stats = extract_features(
                 self.module.trunk, loader, loader.num_samples,
@@ -107,8 +108,17 @@ class Run:
         self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
                           features_bytes_rank0=feats.numel() * feats.element_size(),
                           img_per_s=data_stats["samples"] / max(timer.seconds, 1e-9), data_stats=data_stats)
-        return run_clustering(feats, keys, cfg.cluster, round_idx, self.run_dir, self.logger,
-                              seed=cfg.seed + round_idx, prev=prev)
+        state = run_clustering(feats, keys, cfg.cluster, round_idx, self.run_dir, self.logger,
+                               seed=cfg.seed + round_idx, prev=prev)
+        self.logger.event("traffic", round=round_idx, phase="cluster",
+                          loopback_bytes_per_rank=self.wire_bytes_per_rank(wire_start))
+        return state
+
+    def wire_bytes_per_rank(self, start):
+        """Loopback bytes per rank since `start`: on a single host, the measured network volume
+        the planner predicts (distributed.loopback_bytes); None where it cannot be read."""
+        end = distributed.loopback_bytes()
+        return None if start is None or end is None else (end - start) / self.env.world_size
 
     def label_table(self, clusters) -> LabelTable:
         if self.supervised:
@@ -197,9 +207,12 @@ class Run:
         while self.state["epoch"] < last_epoch:
             epoch, skip = self.state["epoch"], self.state["step"]
             loader = self.loader(epoch, train=True, skip_batches=skip)
+            wire_start = distributed.loopback_bytes()
             summary = train_epoch(self.model, self.heads, table, loader, self.trunk_opt, self.head_opt,
                                   self.cfg, self.device, self.logger, self.state, self.total_steps,
                                   on_step=self.maybe_checkpoint)
+            wire = self.wire_bytes_per_rank(wire_start)
+            summary["loopback_bytes_per_rank_step"] = None if wire is None else wire / max(summary["steps"], 1)
             preempted = summary.pop("preempted")
             if preempted and self.state["step"] < self.steps:  # stopped mid-epoch
                 self.stop_for_preemption()

@@ -78,7 +78,8 @@ def test_two_rounds_end_to_end(shards, smoke_run):
 
 
 def test_planner_agrees_with_the_smoke_run(shards, smoke_run):
-    """What `python -m dist_cluster.plan` predicts for this config is what the run measured/wrote."""
+    """What `python -m dist_cluster.plan` predicts for this config is what the run measured/wrote:
+    memory (features per rank), storage (centroids, checkpoint), steps, rounds, and traffic."""
     cfg = load_config(str(ROOT / "configs" / "smoke.yaml"), [f"data.train={shards}"])
     predicted = predicted_smoke(cfg, 2, load_manifest(shards).num_samples)
     extracts = read_metrics(smoke_run, "extract")
@@ -93,6 +94,14 @@ def test_planner_agrees_with_the_smoke_run(shards, smoke_run):
     # last.pt: trunk + super head weights and their SGD momentum (+ BN buffers and pickling overhead)
     last = (smoke_run / "checkpoints" / "last.pt").stat().st_size
     assert predicted["checkpoint_replicated_bytes"] <= last <= 1.15 * predicted["checkpoint_replicated_bytes"]
+    # traffic, measured on the wire (loopback bytes per rank): DDP's gradient all_reduce dominates a
+    # step; a clustering round is PCA moments + k-means sums + the routed rows + the labels returned
+    for epoch in read_metrics(smoke_run, "epoch"):
+        measured = epoch["loopback_bytes_per_rank_step"]
+        assert 0.98 <= measured / predicted["train_net_bytes_per_step"] <= 1.05, (measured, predicted)
+    for traffic in read_metrics(smoke_run, "traffic"):  # small messages: TCP/gloo headers weigh more
+        measured = traffic["loopback_bytes_per_rank"]
+        assert 0.9 <= measured / predicted["cluster_net_bytes_per_rank_round"] <= 1.25, (measured, predicted)
 
 
 SETTINGS = ("train.epochs=3", "train.reassign=2", "train.ckpt_every_steps=4", "train.log_every_steps=1")
