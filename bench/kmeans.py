@@ -18,12 +18,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.ranks import run_ranks  # noqa: E402
 
 BLOCK = 8192  # data are generated in seeded blocks so any rank can build its own rows alone
 
@@ -40,7 +45,7 @@ def make_rows(start: int, stop: int, d: int, seed: int, modes: int) -> np.ndarra
     return out
 
 
-def _rank_main(rank, world, port, args, init, queue):
+def _rank_main(rank, world, port, args, init):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     threads = max(1, args.threads // world)
@@ -56,29 +61,16 @@ def _rank_main(rank, world, port, args, init, queue):
         res = kmeans(x, args.k, args.niter, args.seed, backend=args.backend,
                      init_centroids=torch.from_numpy(init))
         total = time.perf_counter() - start
-        queue.put((rank, dict(iteration_seconds=res.iteration_seconds, objective=res.objective, total_s=total,
-                              backend=resolve_backend(args.backend, env.device), device=str(env.device),
-                              threads_per_rank=threads)))
-    except BaseException as err:  # noqa: BLE001 - reported to the parent
-        queue.put((rank, repr(err)))
-        raise
+        return dict(iteration_seconds=res.iteration_seconds, objective=res.objective, total_s=total,
+                    backend=resolve_backend(args.backend, env.device), device=str(env.device),
+                    threads_per_rank=threads)
     finally:
         distributed.shutdown()
 
 
 def run_ours(world: int, args, init: np.ndarray) -> dict:
     from dist_cluster.distributed import free_port
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, init, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=3600) for _ in range(world))
-    for p in procs:
-        p.join()
-    if any(not isinstance(r, dict) for r in results.values()):
-        raise RuntimeError(f"a rank failed: {results}")
-    return results[0]
+    return run_ranks(_rank_main, world, (world, free_port(), args, init))[0]
 
 
 def run_faiss(x: np.ndarray, init: np.ndarray, args) -> dict:

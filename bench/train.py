@@ -22,11 +22,11 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.ranks import run_ranks  # noqa: E402
 from dist_cluster import distributed  # noqa: E402
 from dist_cluster.config import load_config  # noqa: E402
 from dist_cluster.targets import LabelTable, make_targets  # noqa: E402
@@ -41,7 +41,7 @@ class HashedLabels(LabelTable):
     def __init__(self, k: int, m: int):
         super().__init__(None, None, None, None, None, k, m, "none")
 
-    def lookup(self, keys):
+    def lookup(self, keys, labels=None):
         codes = torch.tensor([zlib.crc32(key.encode()) for key in keys], dtype=torch.long)
         per_super = self.k // self.m
         sup = codes % self.m
@@ -76,7 +76,7 @@ def repeat_one(batch):
         yield batch
 
 
-def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
+def bench_rank(rank: int, world: int, port: int, args) -> dict:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, args.threads))
@@ -90,7 +90,7 @@ def bench_rank(rank: int, world: int, port: int, args, queue) -> None:
         pipeline = time_steps(run, iter(run.loader(0, train=True)), table, steps, args.warmup)
         first = next(iter(run.loader(0, train=True)))
         model_only = time_steps(run, repeat_one(first), table, steps, args.warmup)
-        queue.put((rank, {"pipeline": pipeline, "model_only": model_only}))
+        return {"pipeline": pipeline, "model_only": model_only}
 
 
 def report(results: list[dict], args, cfg_desc: str) -> dict:
@@ -129,17 +129,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
-    port = distributed.free_port()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=bench_rank, args=(r, args.world, port, args, queue)) for r in range(args.world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=1800) for _ in procs)
-    for p in procs:
-        p.join()
+    results = run_ranks(bench_rank, args.world, (args.world, distributed.free_port(), args), timeout_s=1800)
     desc = f"{Path(args.config).name} {' '.join(args.overrides)}".strip()
-    record = report([results[r] for r in range(args.world)], args, desc)
+    record = report(results, args, desc)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")

@@ -50,7 +50,7 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
     rows, start = 0, time.perf_counter()
     for images, batch_keys, _ in progress(loader, desc="extract", total=len(loader)):
         images = images.to(device, non_blocking=True)
-        if channels_last and device.type == "cuda":
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, bf16):
             out = trunk(images)

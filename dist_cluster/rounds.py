@@ -69,7 +69,7 @@ class Run:
         torch.manual_seed(cfg.seed)  # identical trunk on every rank (DDP broadcasts it anyway)
         module = TrunkAndSuperHead(build_trunk(cfg.model, data.image_size), self.num_super, seed=cfg.seed)
         self.module = convert_sync_batchnorm(module, self.device).to(self.device)
-        if cfg.model.channels_last and self.device.type == "cuda":
+        if cfg.model.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.model = wrap_ddp(self.module, self.device)
         if cfg.model.compile and self.device.type == "cuda":

@@ -155,7 +155,7 @@ def train_epoch(model, heads, table: LabelTable, loader, trunk_opt, head_opt, cf
         generator = torch.Generator().manual_seed(
             step_seed(cfg.seed, progress_state["epoch"], progress_state["step"], rank))
         images = images.to(device, non_blocking=True)
-        if cfg.model.channels_last and device.type == "cuda":
+        if cfg.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = make_targets(images, keys, table, t.rotations, t.all_rotations, generator, labels)
         lr = lr_at(progress_state["global_step"], total_steps, t, steps_per_epoch)
