@@ -42,6 +42,7 @@ class ModelConfig:
     arch: str = "smallvgg"  # smallvgg | vgg16_bn | resnet50
     sobel: bool = True  # fixed grayscale + Sobel input layer (paper default)
     feature_dim: int = 512  # smallvgg: width of the penultimate (feature) layer
+    pool_size: int = 1  # smallvgg: side of the average-pooled map under the feature layer (1: global)
     channels_last: bool = True  # NHWC: forward -20% on CPU (bench/train.py), tensor cores on GPU
     compile: bool = False  # torch.compile the DDP-wrapped trunk + super head (GPU only)
 
@@ -152,6 +153,7 @@ def validate(cfg: DictConfig) -> None:
     _check(d.image_size <= d.resize, "data.image_size", f"crop {d.image_size} larger than resize {d.resize}")
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "auto | gloo | nccl")
     _check(cfg.model.arch in ("smallvgg", "vgg16_bn", "resnet50"), "model.arch", "smallvgg | vgg16_bn | resnet50")
+    _check(cfg.model.pool_size >= 1, "model.pool_size", "must be >= 1")
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:

@@ -259,7 +259,7 @@ def predicted_smoke(cfg, world: int, num_samples: int) -> dict:
     c, d_cfg, t, m_cfg = cfg.cluster, cfg.data, cfg.train, cfg.model
     # data.max_samples caps each rank's share (smoke runs)
     images = min(num_samples, d_cfg.max_samples * world) if d_cfg.max_samples > 0 else num_samples
-    cost = arch_cost(m_cfg.arch, d_cfg.image_size, bool(m_cfg.sobel), int(m_cfg.feature_dim))
+    cost = arch_cost(m_cfg.arch, d_cfg.image_size, bool(m_cfg.sobel), int(m_cfg.feature_dim), int(m_cfg.pool_size))
     inputs = PlanInputs(images=images, gpus=world, nodes=1, image_size=d_cfg.image_size, k=c.k, m=c.m,
                         rotations=t.rotations, feature_dim=cost.feature_dim, pca_dim=c.pca_dim,
                         batch=d_cfg.batch_size, epochs=t.epochs, reassign=t.reassign, arch=m_cfg.arch,

@@ -58,8 +58,9 @@ def _conv_stack(layout, in_ch: int, size: int, bias: bool) -> tuple[int, float, 
     return params, macs, acts, largest, ch, size
 
 
-def arch_cost(arch: str, image_size: int = 224, sobel: bool = True, feature_dim: int = 512) -> ArchCost:
-    """Cost of the trunk `build_trunk` makes for `arch` (feature_dim: smallvgg only)."""
+def arch_cost(arch: str, image_size: int = 224, sobel: bool = True, feature_dim: int = 512,
+              pool_size: int = 1) -> ArchCost:
+    """Cost of the trunk `build_trunk` makes for `arch` (feature_dim, pool_size: smallvgg only)."""
     in_ch = 2 if sobel else 3
     if arch == "vgg16_bn":
         params, macs, acts, largest, ch, _ = _conv_stack(VGG16_LAYOUT, in_ch, image_size, bias=True)
@@ -69,8 +70,9 @@ def arch_cost(arch: str, image_size: int = 224, sobel: bool = True, feature_dim:
         return ArchCost(params, macs, acts + 2 * 4096, largest, 4096)
     if arch == "smallvgg":
         params, macs, acts, largest, ch, _ = _conv_stack(SMALLVGG_LAYOUT, in_ch, image_size, bias=False)
-        params += ch * feature_dim + 2 * feature_dim  # Linear without bias + BatchNorm1d
-        macs += ch * feature_dim
+        fc_in = ch * pool_size * pool_size  # adaptive pool to pool_size x pool_size, flattened
+        params += fc_in * feature_dim + 2 * feature_dim  # Linear without bias + BatchNorm1d
+        macs += fc_in * feature_dim
         return ArchCost(params, macs, acts + feature_dim, largest, feature_dim)
     if arch == "resnet50":
         scale = (image_size / 224) ** 2

@@ -60,9 +60,9 @@ def test_fold_into_conv_is_exact_with_stride_and_borders():
     torch.testing.assert_close(folded(x), conv(sobel(x)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sobel", [True, False])
-def test_smallvgg_shapes_blocks_and_export(sobel, tmp_path):
-    trunk = _randomize_bn(SmallVGG(feature_dim=32, sobel=sobel))
+@pytest.mark.parametrize("sobel,pool_size", [(True, 1), (False, 1), (False, 3)])
+def test_smallvgg_shapes_blocks_and_export(sobel, pool_size, tmp_path):
+    trunk = _randomize_bn(SmallVGG(feature_dim=32, sobel=sobel, pool_size=pool_size))
     x = torch.randn(4, 3, 28, 28)
     feats, blocks = trunk(x), trunk.forward_blocks(x)
     assert feats.shape == (4, 32) and (feats < 0).any()  # pre-ReLU
@@ -70,7 +70,8 @@ def test_smallvgg_shapes_blocks_and_export(sobel, tmp_path):
     assert len(trunk.block_names) == len(blocks)
     path = export_backbone(trunk, "smallvgg", tmp_path)
     assert path.name == "smallvgg_backbone.pth"
-    assert json.loads(path.with_suffix(".json").read_text())["sobel"] == sobel
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["sobel"] == sobel and meta["pool_size"] == pool_size
     torch.testing.assert_close(load_exported(path)(x), feats)
 
 

@@ -132,14 +132,15 @@ def _count(module: nn.Module, size: int) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
-@pytest.mark.parametrize("arch,sobel,size,dim", [("vgg16_bn", True, 224, 4096), ("vgg16_bn", False, 64, 4096),
-                                                  ("smallvgg", True, 28, 64), ("smallvgg", False, 28, 16),
-                                                  ("resnet50", True, 224, 2048), ("resnet50", False, 224, 2048)])
-def test_arch_costs_match_the_modules(arch, sobel, size, dim):
+@pytest.mark.parametrize("arch,sobel,size,dim,pool", [
+    ("vgg16_bn", True, 224, 4096, 1), ("vgg16_bn", False, 64, 4096, 1), ("smallvgg", True, 28, 64, 1),
+    ("smallvgg", False, 28, 16, 1), ("smallvgg", False, 28, 16, 3), ("resnet50", True, 224, 2048, 1),
+    ("resnet50", False, 224, 2048, 1)])
+def test_arch_costs_match_the_modules(arch, sobel, size, dim, pool):
     with torch.device("meta"):
         module = {"vgg16_bn": lambda: VGG16BN(sobel=sobel), "resnet50": lambda: ResNet50(sobel=sobel),
-                  "smallvgg": lambda: SmallVGG(feature_dim=dim, sobel=sobel)}[arch]()
-    cost = arch_cost(arch, size, sobel, dim)
+                  "smallvgg": lambda: SmallVGG(feature_dim=dim, sobel=sobel, pool_size=pool)}[arch]()
+    cost = arch_cost(arch, size, sobel, dim, pool)
     assert cost.params == _trainable(module)
     assert cost.feature_dim == module.feature_dim
     if arch != "resnet50":  # ResNet-50 MACs and activations are the documented figures

@@ -66,7 +66,8 @@ def test_cosine_schedule_with_warmup():
 
 @pytest.mark.parametrize("override, key", [("cluster.kk=3", "cluster.kk"), ("cluster.k=abc", "cluster.k"),
                                            ("cluster.k=10", "cluster.k"), ("mode=foo", "mode"),
-                                           ("train.rotations=3", "train.rotations")])
+                                           ("train.rotations=3", "train.rotations"),
+                                           ("model.pool_size=0", "model.pool_size")])
 def test_config_errors_name_the_key(override, key):
     overrides = [override, "cluster.m=4"] if override == "cluster.k=10" else [override]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -7,11 +7,13 @@ Target: a logit of the super-class head on the ReLU'd trunk features (the path t
 super_head(relu(trunk(x)))). Super-class s = rotation * m + super-cluster; the report explains, for
 an upright image, the class s = its own assigned super-cluster (rotation 0): "what makes the trunk
 put this image in its pseudo-class". Without targets, the head's top prediction is explained.
-Why Grad-CAM: every trunk here ends in global average pooling followed by linear layers, BatchNorm
-and ReLU; the plain CAM (Zhou et al. 2016) needs the pooled features to feed the classifier
-linearly. Because of the global pooling, the gradient of the logit with respect to a channel is the
-same at every position, so Grad-CAM's channel weights are exactly CAM's weights for the head
-linearised at this image (its ReLU and BatchNorm states held fixed).
+Why Grad-CAM: the trunks end in pooling followed by linear layers, BatchNorm and ReLU; the plain
+CAM (Zhou et al. 2016) needs globally pooled features to feed the classifier linearly. With global
+average pooling (smallvgg's default, ResNet-50) the gradient of the logit with respect to a channel
+is the same at every position, so Grad-CAM's channel weights are exactly CAM's weights for the head
+linearised at this image (its ReLU and BatchNorm states held fixed). With a pooled grid under the
+feature layer (smallvgg pool_size > 1, VGG-16's 7 x 7) Grad-CAM is the usual channel-averaged
+approximation.
 """
 from __future__ import annotations
 

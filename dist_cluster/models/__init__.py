@@ -22,7 +22,8 @@ def build_trunk(cfg_model, image_size: int) -> nn.Module:
     """
     arch = cfg_model.arch
     if arch == "smallvgg":
-        trunk = SmallVGG(feature_dim=int(cfg_model.feature_dim), sobel=bool(cfg_model.sobel))
+        trunk = SmallVGG(feature_dim=int(cfg_model.feature_dim), sobel=bool(cfg_model.sobel),
+                         pool_size=int(cfg_model.pool_size))
     elif arch == "vgg16_bn":
         trunk = VGG16BN(sobel=bool(cfg_model.sobel))
     elif arch == "resnet50":

@@ -113,7 +113,8 @@ def load_exported(path: str | Path) -> SmallVGG:
     if meta.get("format") != "dist_cluster.smallvgg":
         raise ValueError(f"{path} is not a smallvgg export (format {meta.get('format')!r}); "
                          "use torchvision_backbone for vgg16_bn / resnet50")
-    model = SmallVGG(feature_dim=meta["feature_dim"], sobel=meta["sobel"], widths=meta["widths"])
+    model = SmallVGG(feature_dim=meta["feature_dim"], sobel=meta["sobel"], widths=meta["widths"],
+                     pool_size=meta.get("pool_size", 1))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 

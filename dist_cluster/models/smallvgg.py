@@ -35,11 +35,15 @@ class SmallVGG(nn.Module):
 
     arch = "smallvgg"
 
-    def __init__(self, feature_dim: int = 512, sobel: bool = True, widths: Layout = DEFAULT_WIDTHS):
+    def __init__(self, feature_dim: int = 512, sobel: bool = True, widths: Layout = DEFAULT_WIDTHS,
+                 pool_size: int = 1):
         super().__init__()
         if not widths or not isinstance(widths[0], int):
             raise ValueError(f"widths must start with a conv width, got {widths!r}")
-        self.config = dict(arch="smallvgg", feature_dim=feature_dim, sobel=sobel, widths=list(widths))
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        self.config = dict(arch="smallvgg", feature_dim=feature_dim, sobel=sobel, widths=list(widths),
+                           pool_size=pool_size)
         self.feature_dim = feature_dim
         # with Sobel, the first conv's padding moves into the Sobel layer so the pair folds exactly
         self.sobel = Sobel(padding=2) if sobel else None
@@ -55,8 +59,10 @@ class SmallVGG(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.block_names = names  # one per conv block, in forward_blocks order
         self.min_size = 2 ** sum(1 for w in widths if w == "M")  # each pool halves the side
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, feature_dim, bias=False)
+        # pool_size 1: global average pooling; s > 1 keeps an s x s layout for the feature layer, like
+        # VGG-16's fc6 over its 7 x 7 map (where an object part sits matters on 28 px clothes)
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.fc = nn.Linear(c_in * pool_size * pool_size, feature_dim, bias=False)
         self.bn = nn.BatchNorm1d(feature_dim)
         self._init_weights()
 
