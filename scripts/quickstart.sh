@@ -12,6 +12,6 @@ done
 RUN=runs/fmnist
 for arg in "$@"; do case "$arg" in run_dir=*) RUN=${arg#run_dir=} ;; esac; done
 "$BIN/torchrun" --standalone --nproc_per_node 2 launch/train.py --config configs/fmnist.yaml "$@"
-# probes on a 10k subset of the train split keep the CPU evaluation to a few minutes
-"$PY" launch/eval.py --run "$RUN" --train data/fmnist/train --test data/fmnist/test --max-train 10000 --layer-dims 1024
+# probes fitted on all 60k train images (the bench/quality.py protocol); per-layer probes at 1024 dims
+"$PY" launch/eval.py --run "$RUN" --train data/fmnist/train --test data/fmnist/test --max-train 0 --layer-dims 1024
 echo "results: $RUN/eval.json  report: $RUN/report/index.html"
