@@ -37,28 +37,40 @@ def autocast_for(device: torch.device, bf16: bool):
 
 @torch.no_grad()
 def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim: int, device: torch.device,
-                     cfg_cluster, bf16: bool = True, channels_last: bool = False, tag: str = "round"):
+                     cfg_cluster, bf16: bool = True, channels_last: bool = False, tag: str = "round",
+                     poll=None):
     """(features [n, D] float32 CPU tensor, keys np.ndarray[str], stats) for this rank's images.
 
     `max_rows` bounds the rows (the rank's samples in the manifest); corrupt samples skipped by the
-    loader make n smaller, never larger.
+    loader make n smaller, never larger. `poll` (preemption.UnevenLoopPoll) is stepped once per
+    batch and finished after the last one; when it raises, the memmap (if any) is removed.
     """
     was_training = trunk.training
     trunk.eval()
     feats, memmap_path = feature_buffer(max_rows, feature_dim, cfg_cluster.memmap_gb, cfg_cluster.memmap_dir, tag)
     keys: list[str] = []
     rows, start = 0, time.perf_counter()
-    for images, batch_keys, _ in progress(loader, desc="extract", total=len(loader)):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, bf16):
-            out = trunk(images)
-        if rows + len(out) > max_rows:
-            raise RuntimeError(f"loader yielded more than the {max_rows} samples the manifest promises")
-        feats[rows:rows + len(out)] = out.float().cpu()
-        keys.extend(batch_keys)
-        rows += len(out)
+    try:
+        for images, batch_keys, _ in progress(loader, desc="extract", total=len(loader)):
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_for(device, bf16):
+                out = trunk(images)
+            if rows + len(out) > max_rows:
+                raise RuntimeError(f"loader yielded more than the {max_rows} samples the manifest promises")
+            feats[rows:rows + len(out)] = out.float().cpu()
+            keys.extend(batch_keys)
+            rows += len(out)
+            if poll is not None:
+                poll.step()
+        if poll is not None:
+            poll.finish()
+    except BaseException:
+        if memmap_path is not None:
+            del feats
+            memmap_path.unlink(missing_ok=True)
+        raise
     trunk.train(was_training)
     seconds = time.perf_counter() - start
     stats = {"images": rows, "seconds": seconds, "img_per_s": rows / max(seconds, 1e-9),

@@ -8,8 +8,12 @@ the same step, then the job is requeued (submitit) or exits with PREEMPTED_EXIT_
 Why not act in the handler: a signal lands in the middle of a step, on some ranks only (SLURM
 signals every task, but not at the same instant). The handler only records it; the flag travels in
 the per-step all_reduce that already exists (trainer.reduce_step_stats), so all ranks see it after
-the same step, save that step together and stop. The signal is acted on within one training step;
-during EXTRACT / CLUSTER it waits for the first step after them (whose state is saved anyway).
+the same step, save that step together and stop. The signal is acted on within one training step.
+EXTRACT has no per-step collective and a different number of batches on each rank (at 96M images
+it lasts most of an hour, longer than any signal delay), so it polls: `UnevenLoopPoll` ORs the
+flag over ranks every POLL_EVERY batches and stops every rank in the same poll round; nothing needs
+saving there, last.pt already holds the round's start. During CLUSTER (minutes) the signal waits
+for the first training step.
 """
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ import os
 import signal
 from typing import Callable, Union
 
+import torch
+import torch.distributed as dist
+
+POLL_EVERY = 20  # EXTRACT batches between polls: one tiny all_reduce per 20 batches
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the checkpoint of the stopping step is on disk
 
 Handler = Union[Callable, int, None]
@@ -58,3 +66,44 @@ def requested() -> bool:
 def reset() -> None:
     """Forget a received signal (tests)."""
     _received["signum"] = None
+
+
+class StopRequested(Exception):
+    """Raised on every rank in the same UnevenLoopPoll round once any rank has the signal."""
+
+
+class UnevenLoopPoll:
+    """Agree on the signal inside a loop whose length differs between ranks.
+
+        poll = UnevenLoopPoll(device)
+        for batch in loader: ...; poll.step()    # every `every` calls: all_reduce (signal?, still running)
+        poll.finish()                            # joins the others' polls until every rank is done
+
+    Every poll is one all_reduce that all ranks join: running ranks every `every` iterations, ranks
+    that have finished in a loop inside finish(). So the rounds stay in lockstep, the loop ends
+    together when no rank is running, and StopRequested is raised on all ranks in the same round.
+    """
+
+    def __init__(self, device: torch.device, every: int = POLL_EVERY):
+        self.device, self.every, self.calls = device, every, 0
+
+    def _poll(self, running: bool) -> bool:
+        """True while some rank is still running; raises StopRequested when some rank has the signal."""
+        if not (dist.is_available() and dist.is_initialized()):
+            signalled, running_ranks = requested(), int(running)
+        else:
+            votes = torch.tensor([int(requested()), int(running)], device=self.device)
+            dist.all_reduce(votes)
+            signalled, running_ranks = bool(votes[0]), int(votes[1])
+        if signalled:
+            raise StopRequested("preemption signal received")
+        return running_ranks > 0
+
+    def step(self) -> None:
+        self.calls += 1
+        if self.calls % self.every == 0:
+            self._poll(running=True)
+
+    def finish(self) -> None:
+        while self._poll(running=False):
+            pass

@@ -7,8 +7,9 @@ after the clustering of a round (assignments are reloaded from RUN/clusters/roun
 complete, recomputed otherwise; clustering is deterministic given the trunk), or mid-epoch (the
 loader skips the batches already done without decoding them).
 
-Preemption (preemption.py): on SLURM's USR2 every rank saves the same step and stops; `train()`
-then hands over to submitit's requeue (slurm.Trainer) or exits with PREEMPTED_EXIT_CODE.
+Preemption (preemption.py): on SLURM's USR2 every rank saves the same step and stops (during
+EXTRACT: at the same poll, with nothing to save); `train()` then hands over to submitit's requeue
+(slurm.Trainer) or exits with PREEMPTED_EXIT_CODE.
 """
 from __future__ import annotations
 
@@ -99,11 +100,15 @@ class Run:
             return None
         loader = self.loader(round_idx, train=False)
         wire_start = distributed.loopback_bytes()
-        with Timer() as timer:
-            feats, keys, stats = extract_features(
-                self.module.trunk, loader, loader.num_samples,
-                self.module.trunk.feature_dim, self.device, cfg.cluster, cfg.train.bf16,
-                cfg.model.channels_last, tag=f"round{round_idx}")
+        try:
+            with Timer() as timer:
+                feats, keys, stats = extract_features(
+                    self.module.trunk, loader, loader.num_samples,
+                    self.module.trunk.feature_dim, self.device, cfg.cluster, cfg.train.bf16,
+                    cfg.model.channels_last, tag=f"round{round_idx}",
+                    poll=preemption.UnevenLoopPoll(self.device))
+        except preemption.StopRequested:  # every rank, same poll round; last.pt holds this round's start
+            self.stop_for_preemption(save=False)
         data_stats = reduce_stats(loader.stats)
         self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
                           features_bytes_rank0=feats.numel() * feats.element_size(),
@@ -227,7 +232,7 @@ class Run:
         if save:
             self.save()
         self.logger.event("preempted", step=self.state["global_step"], round=self.state["round"],
-                          epoch=self.state["epoch"], epoch_step=self.state["step"])
+                          epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"])
         raise preemption.Preempted(self.state["global_step"])
 
     def finish(self) -> None:

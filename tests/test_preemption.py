@@ -1,0 +1,74 @@
+"""preemption.UnevenLoopPoll: ranks with different numbers of EXTRACT batches agree on the signal
+in lockstep poll rounds (all stop in the same round, or all finish), with real gloo ranks."""
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist_cluster import preemption
+from dist_cluster.extract import extract_features
+from tests.dist_utils import run_ranks
+
+
+def _uneven_loop(rank, world, lengths, signal_at, every=2):
+    """('done' | 'stopped', iterations run); the signal is recorded on rank signal_at[0] before
+    iteration signal_at[1] (or 'after' its loop)."""
+    preemption.reset()
+    poll, done = preemption.UnevenLoopPoll(torch.device("cpu"), every=every), 0
+    try:
+        for i in range(lengths[rank]):
+            if signal_at == (rank, i):
+                preemption._record(signal.SIGUSR2, None)
+            done += 1
+            poll.step()
+        if signal_at == (rank, "after"):
+            preemption._record(signal.SIGUSR2, None)
+        poll.finish()
+    except preemption.StopRequested:
+        return "stopped", done
+    return "done", done
+
+
+def test_no_signal_every_rank_finishes_its_own_length():
+    assert run_ranks(_uneven_loop, 3, ((7, 3, 5), None)) == [("done", 7), ("done", 3), ("done", 5)]
+    assert run_ranks(_uneven_loop, 2, ((1, 0), None, 4)) == [("done", 1), ("done", 0)]  # no in-loop poll
+
+
+def test_signal_mid_loop_stops_all_ranks_at_the_same_poll():
+    # rank 1 is signalled before its 2nd iteration: the first poll (after 2 iterations) sees it
+    assert run_ranks(_uneven_loop, 3, ((7, 3, 5), (1, 1))) == [("stopped", 2)] * 3
+
+
+def test_signal_on_a_rank_that_already_finished_stops_the_others():
+    # rank 1 (3 iterations) polls once while running, then answers from finish(): round 2 raises
+    assert run_ranks(_uneven_loop, 3, ((7, 3, 5), (1, "after"))) == [("stopped", 4), ("stopped", 3),
+                                                                     ("stopped", 4)]
+
+
+class _Loader:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        for i in range(self.batches):
+            yield torch.randn(2, 3), [f"k{i}a", f"k{i}b"], None
+
+    def __len__(self):
+        return self.batches
+
+
+def test_extract_stops_on_the_signal_and_removes_its_memmap(tmp_path):
+    preemption.reset()
+    cfg_cluster = SimpleNamespace(memmap_gb=0.0, memmap_dir=str(tmp_path))  # force the disk buffer
+    feats, keys, _ = extract_features(torch.nn.Linear(3, 4), _Loader(5), 10, 4, torch.device("cpu"),
+                                      cfg_cluster, poll=preemption.UnevenLoopPoll(torch.device("cpu"), every=2))
+    assert feats.shape == (10, 4) and len(keys) == 10  # single process: the poll is local
+    preemption._record(signal.SIGUSR2, None)
+    try:
+        with pytest.raises(preemption.StopRequested):
+            extract_features(torch.nn.Linear(3, 4), _Loader(5), 10, 4, torch.device("cpu"), cfg_cluster,
+                             tag="stopped", poll=preemption.UnevenLoopPoll(torch.device("cpu"), every=2))
+    finally:
+        preemption.reset()
+    assert not list(tmp_path.glob("*stopped*"))
