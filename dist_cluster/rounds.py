@@ -91,7 +91,7 @@ class Run:
         d = self.cfg.data
         transform = train_transform(d.image_size, d.min_scale) if train else extract_transform(d.resize, d.image_size)
         return make_loader(d, d.train, self.env.rank, self.env.world_size, transform, self.cfg.seed, epoch,
-                           train=train, skip_batches=skip_batches)
+                           train=train, device=self.device, skip_batches=skip_batches)
 
     def cluster(self, round_idx: int, prev):
         """EXTRACT + CLUSTER for one round; returns this rank's cluster state (None for RotNet)."""

@@ -294,3 +294,17 @@ def test_transforms_shapes_dtypes_and_values():
     assert lo - 1e-4 <= train.min() and train.max() <= hi + 1e-4
     with pytest.raises(ValueError, match="min_scale"):
         train_transform(12, 0.0)
+
+
+def test_make_loader_follows_the_run_device_not_the_machine(even, monkeypatch):
+    """dist.device=cpu on a machine with CUDA: batches stay on the CPU, no pinned memory."""
+    from types import SimpleNamespace
+
+    from dist_cluster.data import make_loader
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = SimpleNamespace(batch_size=BATCH, num_workers=0, shuffle_buffer=8, max_samples=0)
+    loader = make_loader(cfg, str(even.root), 0, 1, train_transform(16, 0.5), 0, 0, train=True,
+                         device=torch.device("cpu"))
+    assert loader.device is None and not loader.pin_memory
+    images, _, _ = next(iter(loader))
+    assert images.device.type == "cpu" and images.dtype == torch.float32
