@@ -62,7 +62,8 @@ def time_steps(run, batches, table, steps: int, warmup: int) -> dict:
         images, keys, _ = next(batches)
         images = images.to(device, non_blocking=True)
         timer.mark("data")
-        targets = make_targets(images, keys, table, cfg.train.rotations, cfg.train.all_rotations, generator)
+        targets = make_targets(images, keys, table, cfg.train.rotations, cfg.train.all_rotations, generator,
+                               device=device, channels_last=cfg.model.channels_last)
         timer.mark("targets")
         train_step(run.model, run.heads, targets, run.trunk_opt, run.head_opt, cfg.train.lr, cfg, device, timer)
         images_done += len(targets.super_class)

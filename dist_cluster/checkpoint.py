@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from . import distributed
+from . import comm, distributed
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -43,13 +42,13 @@ def save(run_dir, shared: dict, per_rank: dict, global_step: int, round_copy: Op
     folder = ckpt_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_save({**per_rank, "global_step": global_step}, rank_file(run_dir, rank, global_step))
-    dist.barrier()  # every rank file of this step exists before last.pt may point at it
+    comm.barrier()  # every rank file of this step exists before last.pt may point at it
     if rank == 0:
         record = {**shared, "global_step": global_step, "world_size": distributed.world_size()}
         _atomic_save(record, folder / "last.pt")
         if round_copy is not None:
             _atomic_save(record, folder / f"round_{round_copy}.pt")
-    dist.barrier()  # last.pt now names this step: older rank files can go
+    comm.barrier()  # last.pt now names this step: older rank files can go
     for old in folder.glob(f"rank{rank}.step*.pt"):
         if old.name != rank_file(run_dir, rank, global_step).name:
             old.unlink(missing_ok=True)
@@ -72,3 +71,20 @@ def load(run_dir, map_location="cpu") -> Optional[tuple[dict, dict]]:
         raise RuntimeError(f"{mine} is missing: the checkpoint at step {shared['global_step']} is incomplete")
     per_rank = torch.load(mine, map_location=map_location, weights_only=True)
     return shared, per_rank
+
+
+def rng_state(device: torch.device) -> dict:
+    """This rank's random generators: the CPU one, and the CUDA one of `device` on GPU runs (dropout
+    masks draw from it there)."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state saved. A checkpoint from a CPU run resumed on a GPU (or the reverse)
+    keeps the CPU stream exact; the CUDA stream then starts from the run's seeding."""
+    torch.set_rng_state(state["rng"].cpu())
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)

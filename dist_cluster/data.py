@@ -20,10 +20,10 @@ import math
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from . import comm
 from .data_worker import STAT_KEYS, WorkerReader
 from .manifest import Manifest, ShardInfo, load_manifest
 
@@ -247,10 +247,5 @@ def make_loader(cfg_data, shard_dir: str, rank: int, world: int, transform: Call
 def reduce_stats(stats: dict, group=None) -> dict:
     """Loader stats summed over ranks, for logging (a collective: every rank calls it, same keys)."""
     keys = sorted(stats)
-    device = torch.device("cpu")
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    values = torch.tensor([stats[k] for k in keys], dtype=torch.int64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values, group=group)
+    values = comm.all_reduce(torch.tensor([stats[k] for k in keys], dtype=torch.int64), group)
     return dict(zip(keys, values.tolist()))

@@ -16,6 +16,7 @@ import torch
 
 from . import distributed
 from .logger import progress
+from .preemption import NO_POLL
 
 
 def feature_buffer(rows: int, dim: int, memmap_gb: float, memmap_dir: str, tag: str):
@@ -38,7 +39,7 @@ def autocast_for(device: torch.device, bf16: bool):
 @torch.no_grad()
 def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim: int, device: torch.device,
                      cfg_cluster, bf16: bool = True, channels_last: bool = False, tag: str = "round",
-                     poll=None):
+                     poll=NO_POLL):
     """(features [n, D] float32 CPU tensor, keys np.ndarray[str], stats) for this rank's images.
 
     `max_rows` bounds the rows (the rank's samples in the manifest); corrupt samples skipped by the
@@ -62,10 +63,8 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
             feats[rows:rows + len(out)] = out.float().cpu()
             keys.extend(batch_keys)
             rows += len(out)
-            if poll is not None:
-                poll.step()
-        if poll is not None:
-            poll.finish()
+            poll.step()
+        poll.finish()
     except BaseException:
         if memmap_path is not None:
             del feats

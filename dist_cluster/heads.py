@@ -7,31 +7,31 @@ local sub id (k // m classes) and exists only on the ranks that own s
 
     model = DDP(TrunkAndSuperHead(trunk, S))            # replicated part, the trainer wraps it
     heads = RoutedHeads(D, S, k // m, device, seed)     # every rank, same arguments
-    super_t, sub_t = make_targets(rotation, z1, z2, m, k)
     feats, super_logits = model(images)
-    sub_loss, stats = heads.loss(feats, super_t, sub_t, weight, global_batch)
-    loss = scaled_local_sum(F.cross_entropy(super_logits, super_t, reduction="none"), weight,
-                            stats["global_weight_sum"]) + sub_loss
-    loss.backward(); heads.sync_grads(); optimizer.step()
+    sums = trainer.global_weight_sums(...)              # [super, sub, per head] weight sums, all ranks
+    sub_term, stats = heads.loss(feats, super_t, sub_t, sub_weight, sums[1], sums[2:])
+    (super_term + sub_term).backward(); heads.sync_grads(); optimizer.step()
 
-Loss convention (what makes the gradients exact): with L = sum_i w_i CE_i / sum_i w_i over the
-GLOBAL batch, every rank returns its local sum scaled by W / sum_i w_i, so the SUM over ranks of
-the returned terms is W * L. DDP averages trunk gradients over the W ranks, giving dL/dtrunk;
-`sync_grads` sums each head's gradient over its group and divides by W, giving dL/dhead. The
-value to log is sum over ranks of the returned term / W (= L).
+Loss convention (the original's gradients, see trainer.py): every rank returns its local
+weighted CE sum scaled by W / (global weight sum), so DDP's average over W ranks gives the trunk
+the gradient of the global batch's weighted mean loss. `sync_grads` sums each head's gradient over
+its group and rescales it to the weighted mean over THAT head's rows: what the original's
+per-group DDP gives a head whose ranks each average the CE over their own rows.
+
+Host synchronisation: the one blocking read of a step is the routing's count matrix (the sizes of
+the all_to_all must be known on the host); it also carries every rank's bad-row count, so all
+ranks raise together instead of leaving peers waiting in a collective.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_autograd
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
+from . import comm, distributed
 
 HEAD_INIT_STD = 0.01  # DeepCluster's top-layer init: N(0, 0.01), zero bias
 
@@ -47,23 +47,6 @@ def _cached(key: tuple, make):
     if full_key not in _GROUPS:
         _GROUPS[full_key] = make()
     return _GROUPS[full_key]
-
-
-def make_targets(rotation: torch.Tensor, super_cluster: torch.Tensor, sub_global: torch.Tensor,
-                 m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(super-class y * m + z1, local sub id z2 - z1 * (k // m)); checks z2 lies inside z1."""
-    per_super = k // m
-    if not torch.equal(sub_global // per_super, super_cluster):
-        raise ValueError("sub-cluster ids do not belong to their super-clusters (z2 // (k/m) != z1)")
-    return rotation * m + super_cluster, sub_global - super_cluster * per_super
-
-
-def scaled_local_sum(per_row: torch.Tensor, weight: Optional[torch.Tensor], global_weight_sum: float,
-                     world: Optional[int] = None) -> torch.Tensor:
-    """This rank's term of a global weighted mean: sum w * per_row * W / global_weight_sum."""
-    world = distributed.world_size() if world is None else world
-    total = per_row.sum() if weight is None else (per_row * weight.to(per_row.dtype)).sum()
-    return total * (world / global_weight_sum)
 
 
 def _seeded_linear_(layer: nn.Linear, seed: int, index: int) -> None:
@@ -118,9 +101,13 @@ class RoutedHeads(nn.Module):
         self._groups = {s: groups[s] for s in self.owned}
         # the routing collectives get their own communicator, so they can never interleave with the
         # all_reduces DDP launches on the default group while backward runs
-        self.route_group = _cached(("route",), lambda: dist.new_group(list(range(self.world))))
+        self.route_group = _cached(("route",), lambda: distributed.new_groups([list(range(self.world))])[0])
         self.heads = nn.ModuleDict({str(s): nn.Linear(feature_dim, sub_classes) for s in self.owned})
-        self._table, self._sizes = self._owner_table()
+        table, sizes = self._owner_table()
+        # buffers, so they move to the device once with the module (a per-step upload would sync)
+        self.register_buffer("_table", table, persistent=False)
+        self.register_buffer("_sizes", sizes, persistent=False)
+        self._grad_scale: Optional[torch.Tensor] = None  # [S], set by loss(), used by sync_grads()
         if device is not None:
             self.to(device)
         self.reset(seed)
@@ -139,90 +126,82 @@ class RoutedHeads(nn.Module):
     # ------------------------------------------------------------------ routing
 
     def destinations(self, head: torch.Tensor) -> torch.Tensor:
-        """Owner rank of each row: rows of a head spread round-robin over its group, offset by rank."""
+        """Owner rank of each row: rows of a head spread round-robin over its group, offset by rank.
+
+        Written without bincount or nonzero, which wait for the GPU to learn their output size."""
         device = head.device
-        table, sizes = self._table.to(device), self._sizes.to(device)
         order = torch.argsort(head, stable=True)
-        counts = torch.bincount(head, minlength=self.num_heads)
+        counts = torch.zeros(self.num_heads, dtype=torch.long, device=device).index_add_(
+            0, head, torch.ones_like(head))
         starts = torch.cumsum(counts, 0) - counts
         position = torch.empty_like(head)
         position[order] = torch.arange(len(head), device=device) - starts[head[order]]
-        member = (position + self.rank) % sizes[head]  # the offset spreads small batches too
-        return table[head, member]
+        member = (position + self.rank) % self._sizes[head]  # the offset spreads small batches too
+        return self._table[head, member]
 
-    def _check_and_totals(self, feats, super_target, sub_target, weight) -> tuple[int, float]:
-        """Global (rows, weight sum) by one all_reduce, which also carries every rank's bad-row count
-        so that all ranks raise together instead of leaving peers waiting in the all_to_all."""
+    def _bad_rows(self, feats, super_target, sub_target, weight) -> torch.Tensor:
+        """Rows this rank cannot route (out-of-range target, negative or non-finite weight), as a
+        device scalar; a shape error counts every row plus one (so even an empty batch reports it)."""
         rows = len(super_target)
         shapes_ok = (feats.dim() == 2 and feats.shape[1] == self.feature_dim and len(feats) == rows
-                     and sub_target.shape == super_target.shape and (weight is None or weight.shape == (rows,)))
-        bad = torch.tensor(float(rows + 1), device=feats.device)
-        wsum = torch.zeros((), dtype=torch.float64, device=feats.device)
-        if shapes_ok:
-            ok = (super_target >= 0) & (super_target < self.num_heads)
-            ok &= (sub_target >= 0) & (sub_target < self.sub_classes)
-            if weight is not None:
-                ok &= torch.isfinite(weight) & (weight >= 0)
-                wsum = weight.detach().double().sum()
-            else:
-                wsum = wsum + rows
-            bad = (~ok).sum().double()
-        totals = torch.stack([torch.tensor(float(rows), dtype=torch.float64, device=feats.device),
-                              wsum.double(), bad.double()])
-        dist.all_reduce(totals, group=self.route_group)
-        g_rows, g_wsum, g_bad = totals.tolist()
-        if g_bad > 0:
-            raise ValueError(f"RoutedHeads.loss: {int(g_bad)} bad rows over all ranks (this rank: shapes "
-                             f"{'ok' if shapes_ok else 'wrong'}); need super in [0, {self.num_heads}), "
-                             f"sub in [0, {self.sub_classes}), finite weights >= 0, feats [B, {self.feature_dim}]")
-        if g_wsum <= 0:
-            raise ValueError(f"RoutedHeads.loss: global weight sum is {g_wsum} (empty batch or all-zero weights)")
-        return int(round(g_rows)), g_wsum
+                     and sub_target.shape == super_target.shape and weight.shape == (rows,))
+        if not shapes_ok:
+            return torch.tensor(rows + 1, dtype=torch.long, device=feats.device)
+        ok = (super_target >= 0) & (super_target < self.num_heads)
+        ok &= (sub_target >= 0) & (sub_target < self.sub_classes)
+        ok &= torch.isfinite(weight) & (weight >= 0)
+        return (~ok).sum()
 
-    def _exchange(self, feats, head, sub_target, weight):
-        """Route rows to their owners: (features [n, D], [sub, weight] [n, 2]) received, sorted by
-        head, and the number received per head (host ints)."""
+    def _route_counts(self, head: torch.Tensor, bad: torch.Tensor):
+        """Exchange the [W, S] row counts (plus each rank's bad-row count in a last column) and read
+        both sides on the host: the step's one blocking sync. Returns (key order, device recv
+        counts [W, S], host send counts [W][S+1], host recv counts [W][S+1])."""
         dest = self.destinations(head)
         key = dest * self.num_heads + head
         order = torch.argsort(key, stable=True)  # by destination, then head
-        send_matrix = torch.bincount(key, minlength=self.world * self.num_heads)
-        recv_matrix = torch.empty_like(send_matrix)
-        dist.all_to_all_single(recv_matrix, send_matrix, group=self.route_group)
-        send_matrix, recv_matrix = send_matrix.view(self.world, -1), recv_matrix.view(self.world, -1)
-        send_splits, recv_splits = send_matrix.sum(1).tolist(), recv_matrix.sum(1).tolist()
-        n_recv = sum(recv_splits)
+        counts = torch.zeros(self.world * self.num_heads, dtype=torch.long, device=head.device)
+        counts.index_add_(0, key, torch.ones_like(key))
+        send = torch.cat([counts.view(self.world, -1), bad.view(1, 1).expand(self.world, 1)], 1)
+        recv = comm.exchange_counts(send.flatten(), self.route_group).view(self.world, -1)
+        host = torch.cat([send.flatten(), recv.flatten()]).tolist()
+        width = self.num_heads + 1
+        rows = [host[i * width:(i + 1) * width] for i in range(2 * self.world)]
+        return order, recv[:, :-1], rows[:self.world], rows[self.world:]
 
+    def _exchange(self, feats, head, sub_target, weight, bad):
+        """Route rows to their owners: (features [n, D], [sub, weight] [n, 2]) received, sorted by
+        head, and the number received per head (host ints)."""
+        # clamped: a bad target must not index out of range before the counts say to raise
+        order, recv_counts, send_host, recv_host = self._route_counts(head.clamp(0, self.num_heads - 1), bad)
+        total_bad = sum(row[-1] for row in recv_host)  # every source's count: the same sum on all ranks
+        if total_bad > 0:
+            raise ValueError(f"RoutedHeads.loss: {total_bad} bad rows over all ranks (this rank: "
+                             f"{send_host[0][-1]}); need super in [0, {self.num_heads}), sub in "
+                             f"[0, {self.sub_classes}), finite weights >= 0, feats [B, {self.feature_dim}]")
+        send_splits = [sum(row[:-1]) for row in send_host]
+        recv_splits = [sum(row[:-1]) for row in recv_host]
+        per_head = [sum(row[s] for row in recv_host) for s in range(self.num_heads)]
         meta = torch.stack([sub_target.double(), weight.double()], 1)[order]
-        meta_recv = meta.new_empty(n_recv, 2)
-        dist.all_to_all_single(meta_recv, meta.contiguous(), recv_splits, send_splits, group=self.route_group)
-        x_recv = feats.new_empty(n_recv, feats.shape[1])
-        with warnings.catch_warnings():  # the autograd all_to_all is marked deprecated, still the one gloo runs
-            warnings.simplefilter("ignore", FutureWarning)
-            x_recv = dist_autograd.all_to_all_single(x_recv, feats[order].contiguous(), recv_splits,
-                                                     send_splits, group=self.route_group)
+        meta_recv = comm.all_to_all_rows_known(meta, send_splits, recv_splits, self.route_group)
+        x_recv = comm.all_to_all_autograd(feats[order], send_splits, recv_splits, self.route_group)
         # received blocks are per source, each sorted by head: regroup head-major
-        per_head = recv_matrix.sum(0).tolist()
-        head_recv = torch.repeat_interleave(torch.arange(self.num_heads, device=feats.device).repeat(self.world),
-                                            recv_matrix.flatten())
+        heads_of_blocks = torch.arange(self.num_heads, device=feats.device).repeat(self.world)
+        head_recv = torch.repeat_interleave(heads_of_blocks, recv_counts.flatten(), output_size=sum(recv_splits))
         by_head = torch.argsort(head_recv, stable=True)
         return x_recv[by_head], meta_recv[by_head], per_head
 
     def loss(self, feats: torch.Tensor, super_target: torch.Tensor, sub_target: torch.Tensor,
-             weight: Optional[torch.Tensor] = None, global_batch: Optional[int] = None):
+             weight: torch.Tensor, weight_sum: torch.Tensor, head_weight_sums: torch.Tensor):
         """This rank's term of the global weighted-mean sub-head CE (see the module doc), and stats.
 
         feats [B, D] (ReLU'd, requires grad), super_target [B] in [0, S), sub_target [B] local ids,
-        weight [B] or None, global_batch: if given, checked against the rows of all ranks.
-        Every rank must call this at every step, with or without rows.
-        Stats: correct [S] and rows [S] for the rows this rank scored (sum them over ranks),
-        global_weight_sum and global_rows.
+        weight [B]; weight_sum: the global sum of `weight` (device scalar), head_weight_sums [S]: the
+        global sum per head (both from one all_reduce in the trainer). Every rank must call this at
+        every step, with or without rows. Stats: correct [S] (device) and rows [S] (host ints) for
+        the rows this rank scored: sum them over ranks.
         """
-        g_rows, g_wsum = self._check_and_totals(feats, super_target, sub_target, weight)
-        if global_batch is not None and global_batch != g_rows:
-            raise ValueError(f"RoutedHeads.loss: global_batch={global_batch} but the ranks hold {g_rows} rows")
-        if weight is None:
-            weight = torch.ones(len(feats), device=feats.device)
-        x_recv, meta_recv, per_head = self._exchange(feats, super_target.long(), sub_target.long(), weight)
+        bad = self._bad_rows(feats, super_target, sub_target, weight)
+        x_recv, meta_recv, per_head = self._exchange(feats, super_target.long(), sub_target.long(), weight, bad)
         # x_recv enters the loss even when empty, so every rank runs the all_to_all backward
         total = x_recv.sum() * 0.0
         correct = torch.zeros(self.num_heads, dtype=torch.long, device=feats.device)
@@ -238,32 +217,34 @@ class RoutedHeads(nn.Module):
             logits = self.heads[str(s)](x)
             total = total + (F.cross_entropy(logits, sub, reduction="none") * w.to(logits.dtype)).sum()
             correct[s] = (logits.detach().argmax(1) == sub).sum()
-        stats = dict(correct=correct, rows=torch.tensor(per_head, dtype=torch.long, device=feats.device),
-                     global_weight_sum=g_wsum, global_rows=g_rows)
-        return total * (self.world / g_wsum), stats
+        # sync_grads: from the global mean (what the trunk gets) to each head's own-rows mean;
+        # a head without rows this step gets 0, not 0 * inf
+        self._grad_scale = torch.where(head_weight_sums > 0, weight_sum / head_weight_sums.clamp_min(1e-30),
+                                       torch.zeros_like(head_weight_sums))
+        return total * (self.world / weight_sum), dict(correct=correct, rows=per_head)
 
     # ------------------------------------------------------------------ gradients and state
 
     def sync_grads(self) -> None:
-        """After backward: head grads := sum over the head's group / W (= d global mean / d head).
-
-        Every rank must call it; a head that saw no rows this step contributes zeros.
-        """
-        by_group: dict[int, list[nn.Parameter]] = {}
-        members: dict[int, tuple] = {}
+        """After backward: head s grads := sum over the head's group / W * (global weight sum /
+        weight sum of head s) = d(weighted mean CE over head s's rows) / d head s. Every rank must
+        call it after loss(); a head that saw no rows this step contributes zeros."""
+        if self._grad_scale is None:
+            raise RuntimeError("sync_grads() before loss(): no step to synchronise")
+        by_group: dict[int, list[tuple[int, nn.Parameter]]] = {}
+        groups: dict[int, object] = {}
         for s in self.owned:
             key = id(self._groups[s])
-            by_group.setdefault(key, []).extend(self.heads[str(s)].parameters())
-            members[key] = (self._groups[s], len(self.owners[s]))
+            by_group.setdefault(key, []).extend((s, p) for p in self.heads[str(s)].parameters())
+            groups[key] = self._groups[s]
         for key, params in by_group.items():
-            group, size = members[key]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if size > 1:
-                dist.all_reduce(flat, group=group)
-            flat /= self.world
-            for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-                p.grad = chunk.view_as(p).clone()
+            # scaled before the sum: the scale is the same on every member (global sums)
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              * (self._grad_scale[s] / self.world) for s, p in params])
+            comm.all_reduce(flat, groups[key])
+            for (_, p), chunk in zip(params, flat.split([p.numel() for _, p in params])):
+                p.grad = chunk.view_as(p)
+        self._grad_scale = None
 
     def state_dict_owned(self) -> dict:
         """{head index: state dict} for the heads whose group this rank leads (first owner)."""

@@ -18,11 +18,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, distributed, preemption
+from . import checkpoint, comm, distributed, preemption
 from .cluster.stage import load_cluster_state, run_clustering
 from .config import save_config
 from .data import ShardLoader, make_loader, reduce_stats, steps_per_epoch
@@ -34,7 +33,7 @@ from .models import build_trunk
 from .models.export import export_backbone
 from .syncbn import convert_sync_batchnorm
 from .targets import LabelTable
-from .trainer import sgd, train_epoch
+from .trainer import sgd, step_seed, train_epoch
 from .transforms import extract_transform, train_transform
 
 
@@ -76,6 +75,8 @@ class Run:
         if cfg.model.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model)
         self.trunk_opt = sgd(self.module.trunk.parameters(), cfg.train)
+        # from here on every rank draws its own random numbers (dropout masks, CPU and CUDA alike)
+        torch.manual_seed(step_seed(cfg.seed, 0x5EED, self.env.rank))
         self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
         self.heads = self.head_opt = None
         self._resumed = None  # (shared, per-rank) checkpoint contents after resume()
@@ -100,21 +101,21 @@ class Run:
             return None
         loader = self.loader(round_idx, train=False)
         wire_start = distributed.loopback_bytes()
-        try:
+        poll = preemption.UnevenLoopPoll()
+        try:  # a signal in EXTRACT or CLUSTER: every rank stops at the same poll; last.pt holds this round's start
             with Timer() as timer:
                 feats, keys, stats = extract_features(
                     self.module.trunk, loader, loader.num_samples,
                     self.module.trunk.feature_dim, self.device, cfg.cluster, cfg.train.bf16,
-                    cfg.model.channels_last, tag=f"round{round_idx}",
-                    poll=preemption.UnevenLoopPoll(self.device))
-        except preemption.StopRequested:  # every rank, same poll round; last.pt holds this round's start
+                    cfg.model.channels_last, tag=f"round{round_idx}", poll=poll)
+            data_stats = reduce_stats(loader.stats)
+            self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
+                              features_bytes_rank0=feats.numel() * feats.element_size(),
+                              img_per_s=data_stats["samples"] / max(timer.seconds, 1e-9), data_stats=data_stats)
+            state = run_clustering(feats, keys, cfg.cluster, round_idx, self.run_dir, self.logger,
+                                   seed=cfg.seed + round_idx, device=self.device, prev=prev, poll=poll)
+        except preemption.StopRequested:
             self.stop_for_preemption(save=False)
-        data_stats = reduce_stats(loader.stats)
-        self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
-                          features_bytes_rank0=feats.numel() * feats.element_size(),
-                          img_per_s=data_stats["samples"] / max(timer.seconds, 1e-9), data_stats=data_stats)
-        state = run_clustering(feats, keys, cfg.cluster, round_idx, self.run_dir, self.logger,
-                               seed=cfg.seed + round_idx, prev=prev)
         self.logger.event("traffic", round=round_idx, phase="cluster",
                           loopback_bytes_per_rank=self.wire_bytes_per_rank(wire_start))
         return state
@@ -152,7 +153,7 @@ class Run:
                   "progress": dict(self.state), "config": OmegaConf.to_yaml(self.cfg)}
         per_rank = {"heads": self.heads.state_dict() if self.heads is not None else {},
                     "head_opt": self.head_opt.state_dict() if self.head_opt is not None else {},
-                    "rng": torch.get_rng_state()}
+                    **checkpoint.rng_state(self.device)}
         checkpoint.save(self.run_dir, shared, per_rank, self.state["global_step"], round_copy)
 
     def resume(self) -> bool:
@@ -163,7 +164,7 @@ class Run:
         self.module.load_state_dict(shared["model"])
         self.trunk_opt.load_state_dict(shared["trunk_opt"])
         self.state = dict(shared["progress"])
-        torch.set_rng_state(per_rank["rng"].cpu())
+        checkpoint.set_rng_state(per_rank, self.device)
         self._resumed = (shared, per_rank)
         distributed.print0(f"resumed from {self.run_dir}/checkpoints/last.pt at {self.state}")
         self.logger.event("resume", step=self.state["global_step"], round=self.state["round"],
@@ -180,10 +181,14 @@ class Run:
             self.heads.load_state_dict(per_rank["heads"])
         self.head_opt.load_state_dict(per_rank["head_opt"])
 
-    def maybe_checkpoint(self, state: dict) -> None:
-        every = self.cfg.train.ckpt_every_steps
-        if every > 0 and state["global_step"] % every == 0 and state["step"] < self.steps:
+    def maybe_checkpoint(self, state: dict, save: bool = False) -> bool:
+        """train_epoch's checkpoint hook: is a save due after this step (mid-epoch; the epoch end
+        saves anyway)? With save=True, save."""
+        if save:
             self.save()
+            return True
+        every = self.cfg.train.ckpt_every_steps
+        return every > 0 and state["global_step"] % every == 0 and state["step"] < self.steps
 
     # ------------------------------------------------------------------ loop
 
@@ -215,7 +220,7 @@ class Run:
             wire_start = distributed.loopback_bytes()
             summary = train_epoch(self.model, self.heads, table, loader, self.trunk_opt, self.head_opt,
                                   self.cfg, self.device, self.logger, self.state, self.total_steps,
-                                  on_step=self.maybe_checkpoint)
+                                  checkpoint=self.maybe_checkpoint)
             wire = self.wire_bytes_per_rank(wire_start)
             summary["loopback_bytes_per_rank_step"] = None if wire is None else wire / max(summary["steps"], 1)
             preempted = summary.pop("preempted")
@@ -263,5 +268,5 @@ def train(cfg, on_preempted=None) -> None:
                 if on_preempted is not None:
                     on_preempted(stop, previous_handler)
             finally:
-                dist.barrier()
+                comm.barrier()
             raise SystemExit(preemption.PREEMPTED_EXIT_CODE) from None

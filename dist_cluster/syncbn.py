@@ -10,16 +10,11 @@ the statistics exactly as in a single process holding the whole batch.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-# the autograd-aware all_reduce is marked deprecated in favour of one that gloo/CPU autograd lacks
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
-                        category=FutureWarning)
+from . import comm
 
 
 class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -31,7 +26,7 @@ class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = comm.group_size()
         if not self.training or world == 1:
             return super().forward(x)
         channels = x.shape[1]
@@ -40,7 +35,7 @@ class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
         x64 = x.double()
         count = torch.full((1,), x.numel() / channels, dtype=torch.float64, device=x.device)
         stats = torch.cat([x64.sum(dims), (x64 * x64).sum(dims), count])
-        stats = dist_fn.all_reduce(stats)
+        stats = comm.all_reduce_autograd(stats)
         n = stats[-1]
         mean = stats[:channels] / n
         var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)

@@ -80,12 +80,16 @@ class LabelTable:
 
 
 def make_targets(images: torch.Tensor, keys: Sequence[str], table: LabelTable, rotations: int,
-                 all_rotations: bool, generator: torch.Generator, labels: Optional[torch.Tensor] = None) -> Targets:
-    """Rotate the batch (one random rotation per image, or all four) and build its targets.
+                 all_rotations: bool, generator: torch.Generator, labels: Optional[torch.Tensor] = None,
+                 device: Optional[torch.device] = None, channels_last: bool = False) -> Targets:
+    """Rotate the batch (one random rotation per image, or all four) and build its targets on
+    `device` (default: the images' device).
 
     `generator` is a CPU generator seeded from (seed, epoch, step, rank): the rotations of a step
-    are a function of where the run is, so a resumed run draws exactly the same ones.
+    are a function of where the run is, so a resumed run draws exactly the same ones. Labels and
+    weights are looked up on the host and reach the device in ONE non-blocking copy.
     """
+    device = device or images.device
     z1, z2 = table.lookup(keys, labels)
     n = len(keys)
     if rotations == 1:
@@ -95,9 +99,19 @@ def make_targets(images: torch.Tensor, keys: Sequence[str], table: LabelTable, r
         images, z1, z2 = images.repeat(rotations, 1, 1, 1), z1.repeat(rotations), z2.repeat(rotations)
     else:
         rot = torch.randint(0, rotations, (n,), generator=generator)
-    dev = images.device  # images may already be on the GPU: rotate there, labels follow
-    images = rotate_batch(images, rot.to(dev)) if rotations > 1 else images
     sub_per_super = table.k // table.m
-    return Targets(images=images, super_class=(rot * table.m + z1).to(dev),
-                   sub_local=(z2 - z1 * sub_per_super).to(dev),
-                   super_weight=table.super_w[z1].to(dev), sub_weight=table.sub_w[z2].to(dev))
+    host = torch.stack([rot.double(), (rot * table.m + z1).double(), (z2 - z1 * sub_per_super).double(),
+                        table.super_w[z1].double(), table.sub_w[z2].double()])  # integers < 2^53: exact
+    rot_d, super_class, sub_local, super_weight, sub_weight = _to_device(host, device).unbind(0)
+    images = images.to(device, non_blocking=True)
+    images = rotate_batch(images, rot_d.long()) if rotations > 1 else images
+    if channels_last:  # after the rotation, which does not keep the memory format
+        images = images.contiguous(memory_format=torch.channels_last)
+    return Targets(images=images, super_class=super_class.long(), sub_local=sub_local.long(),
+                   super_weight=super_weight.float(), sub_weight=sub_weight.float())
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)  # pageable memory would block the host

@@ -2,8 +2,18 @@
 
 Per step: rotate, trunk forward (DDP + SyncBN over all ranks), super-class head (replicated, inside
 DDP), ReLU'd features routed by all_to_all to the owners of the sub-class heads, weighted CE.
-Loss convention: each rank's local loss is scaled so that, after DDP averages the trunk gradients
-over W ranks, the trunk receives the gradient of the global batch's weighted mean loss.
+
+Gradients are the original DeeperCluster's (facebookresearch/DeeperCluster, src/trainer.py): there
+every rank averages the CE over its own batch, DDP averages the trunk and the super-class layer over
+all ranks, and each sub-class layer is averaged over its own group of ranks. So the trunk and the
+super head get the gradient of the global batch's mean loss, and each sub head the gradient of the
+mean over its own rows. With balancing weights, "mean" is the weighted mean. Here each rank's loss
+is its local weighted sum scaled by W / (global weight sum) (DDP's average then gives the global
+mean), and RoutedHeads.sync_grads rescales each sub head to its own rows' mean.
+
+Host synchronisation: a step blocks the host once, on the routing's row counts (heads.py). The
+per-step statistics (losses, accuracies, the NaN check and the preemption flag) are all_reduced on
+the device and read one step later, when they are long done (`PendingStats`).
 """
 from __future__ import annotations
 
@@ -11,11 +21,11 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import distributed, preemption
+from . import comm, preemption
 from .extract import autocast_for
 from .targets import LabelTable, make_targets
 
@@ -46,7 +56,7 @@ def sgd(params, cfg_train) -> torch.optim.SGD:
 @dataclass
 class StepStats:
     """Per-step numbers summed over ranks with one all_reduce (also carries the NaN check and the
-    preemption flag, so every rank learns of a signal after the same step)."""
+    preemption flag, so every rank learns of a signal at the same step)."""
     loss_super: float
     loss_sub: float
     acc_super: float
@@ -55,27 +65,77 @@ class StepStats:
     preempted: bool = False
 
 
-def weighted_ce_local(logits, target, weight, world: int):
+STAT_FIELDS = ("loss_super", "loss_sub", "correct_super", "correct_sub", "rows_sub", "images", "nonfinite",
+               "preempted")
+
+
+def global_weight_sums(targets, num_heads: int) -> torch.Tensor:
+    """[super weight sum, sub weight sum, sub weight sum per head (S)] over the global batch: one
+    all_reduce on the device, no host sync."""
+    per_head = torch.zeros(num_heads, dtype=torch.float64, device=targets.sub_weight.device)
+    per_head.index_add_(0, targets.super_class, targets.sub_weight.double())
+    local = torch.cat([torch.stack([targets.super_weight.double().sum(), targets.sub_weight.double().sum()]),
+                       per_head])
+    return comm.all_reduce(local)
+
+
+def weighted_ce_local(logits, target, weight, global_weight_sum, world: int):
     """Local share of the global weighted mean CE: sum(w * ce) / sum_global(w) * W (see module doc)."""
-    total_weight = weight.sum().detach().clone()
-    dist.all_reduce(total_weight)
     ce = F.cross_entropy(logits.float(), target, reduction="none")
-    return (weight * ce).sum() / total_weight.clamp_min(1e-12) * world
+    return (weight * ce).sum() * (world / global_weight_sum.float())
 
 
-def reduce_step_stats(loss_super, loss_sub, correct_super, correct_sub, rows_sub, n, world) -> StepStats:
-    finite = float(torch.isfinite(loss_super).item() and torch.isfinite(loss_sub).item())
-    vec = torch.tensor([loss_super.item() if finite else 0.0, loss_sub.item() if finite else 0.0,
-                        float(correct_super), float(correct_sub), float(rows_sub), float(n), 1.0 - finite,
-                        float(preemption.requested())], dtype=torch.float64)
-    dist.all_reduce(vec)
-    if vec[6] > 0:
-        raise FloatingPointError(
-            f"non-finite loss on {int(vec[6])} rank(s): stopping; RUN/checkpoints/last.pt holds the last "
-            "good state (lower train.lr or check the data)")
-    return StepStats(loss_super=vec[0].item() / world, loss_sub=vec[1].item() / world,
-                     acc_super=vec[2].item() / max(vec[5].item(), 1), acc_sub=vec[3].item() / max(vec[4].item(), 1),
-                     images=int(vec[5].item()), preempted=bool(vec[7] > 0))
+def step_stats_vector(loss_super, loss_sub, correct_super, correct_sub, rows_sub: int, images: int,
+                      device) -> torch.Tensor:
+    """The STAT_FIELDS of this rank as one float64 device tensor, all_reduced over ranks (no host
+    sync: the host-side numbers travel through one pinned, non-blocking copy)."""
+    finite = torch.isfinite(loss_super) & torch.isfinite(loss_sub)
+    zero = torch.zeros((), dtype=torch.float64, device=loss_super.device)
+    device_part = torch.stack([torch.where(finite, loss_super.double(), zero),
+                               torch.where(finite, loss_sub.double(), zero),
+                               correct_super.double(), correct_sub.double()])
+    host_part = torch.tensor([float(rows_sub), float(images), 0.0, float(preemption.requested())],
+                             dtype=torch.float64)
+    host_part = to_device(host_part, device)
+    host_part[2] = (~finite).double()
+    return comm.all_reduce(torch.cat([device_part, host_part]).detach())
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without blocking the host: through pinned memory on CUDA (a copy
+    from pageable memory would wait for the whole stream)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class PendingStats:
+    """A step's statistics vector on its way to the host: the copy starts now, `result()` reads it
+    (the next step, when the routing sync has long passed it: nothing left to wait for)."""
+
+    def __init__(self, vector: torch.Tensor, **info):
+        self.info = info  # host numbers of the step (global step, lr, times) for the log
+        if vector.device.type == "cuda":
+            self._host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
+            self._host.copy_(vector, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = vector, None
+
+    def result(self, world: int) -> StepStats:
+        if self._event is not None:
+            self._event.synchronize()
+        values = dict(zip(STAT_FIELDS, self._host.numpy()))
+        if values["nonfinite"] > 0:
+            raise FloatingPointError(
+                f"non-finite loss on {int(values['nonfinite'])} rank(s) at step {self.info.get('step', '?')}: "
+                "stopping; RUN/checkpoints/last.pt holds the last good state (lower train.lr or check the data)")
+        images = max(float(values["images"]), 1.0)
+        return StepStats(loss_super=float(values["loss_super"]) / world, loss_sub=float(values["loss_sub"]) / world,
+                         acc_super=float(values["correct_super"]) / images,
+                         acc_sub=float(values["correct_sub"]) / max(float(values["rows_sub"]), 1.0),
+                         images=int(values["images"]), preempted=bool(values["preempted"] > 0))
 
 
 class PhaseTimer:
@@ -100,25 +160,27 @@ class PhaseTimer:
 
 
 def train_step(model, heads, targets, trunk_opt, head_opt, lr: float, cfg, device,
-               timer: PhaseTimer | None = None) -> StepStats:
-    """One optimisation step; `timer` (optional) splits it into forward/routing/backward/optimizer."""
+               timer: PhaseTimer | None = None) -> torch.Tensor:
+    """One optimisation step; returns its STAT_FIELDS vector summed over ranks (on the device:
+    wrap it in PendingStats to read it). `timer` (optional) splits it into phases."""
     mark = timer.mark if timer is not None else (lambda phase: None)
     if timer is not None:
         timer.start()
-    world = distributed.world_size()
+    world = comm.group_size()
     for opt in (trunk_opt, head_opt):
         for group in opt.param_groups:
             group["lr"] = lr
     with autocast_for(device, cfg.train.bf16):
         feats, super_logits = model(targets.images)
     mark("forward")
-    loss_super = weighted_ce_local(super_logits, targets.super_class, targets.super_weight, world)
+    sums = global_weight_sums(targets, super_logits.shape[1])
+    loss_super = weighted_ce_local(super_logits, targets.super_class, targets.super_weight, sums[0], world)
     if heads is not None:
         loss_sub, sub_stats = heads.loss(feats.float(), targets.super_class, targets.sub_local,
-                                         targets.sub_weight, None)
-        correct_sub, rows_sub = sub_stats["correct"].sum().item(), sub_stats["rows"].sum().item()
+                                         targets.sub_weight, sums[1], sums[2:])
+        correct_sub, rows_sub = sub_stats["correct"].sum(), sum(sub_stats["rows"])
     else:  # RotNet: one cluster, no sub-class to predict
-        loss_sub, correct_sub, rows_sub = super_logits.sum() * 0.0, 0, 0
+        loss_sub, correct_sub, rows_sub = super_logits.sum() * 0.0, torch.zeros((), device=device), 0
     mark("routing")
     trunk_opt.zero_grad(set_to_none=True)
     head_opt.zero_grad(set_to_none=True)
@@ -126,62 +188,83 @@ def train_step(model, heads, targets, trunk_opt, head_opt, lr: float, cfg, devic
     if heads is not None:
         heads.sync_grads()
     mark("backward")
-    stats = reduce_step_stats(loss_super.detach(), loss_sub.detach(),
-                              (super_logits.argmax(1) == targets.super_class).sum().item(),
-                              correct_sub, rows_sub, len(targets.super_class), world)
+    stats = step_stats_vector(loss_super.detach(), loss_sub.detach(),
+                              (super_logits.detach().argmax(1) == targets.super_class).sum(),
+                              correct_sub, rows_sub, len(targets.super_class), device)
     trunk_opt.step()
     head_opt.step()
     mark("optimizer")
     return stats
 
 
+class EpochLog:
+    """Sums of the step statistics over an epoch and the `train` events, fed one step late."""
+
+    def __init__(self, logger, every: int, world: int):
+        self.logger, self.every, self.world = logger, every, world
+        self.sums = dict(loss_super=0.0, loss_sub=0.0, acc_super=0.0, acc_sub=0.0, data_time=0.0, step_time=0.0)
+        self.n = 0
+
+    def add(self, pending: PendingStats) -> bool:
+        """Read a finished step's statistics (raises on a non-finite loss); True if preempted."""
+        stats, info = pending.result(self.world), pending.info
+        for key in ("loss_super", "loss_sub", "acc_super", "acc_sub"):
+            self.sums[key] += getattr(stats, key)
+        self.sums["data_time"] += info["data_time"]
+        self.sums["step_time"] += info["step_time"]
+        self.n += 1
+        if info["step"] % self.every == 0:
+            self.logger.event("train", loss_super=stats.loss_super, loss_sub=stats.loss_sub,
+                              acc_super=stats.acc_super, acc_sub=stats.acc_sub,
+                              img_per_s=stats.images / max(info["data_time"] + info["step_time"], 1e-9), **info)
+        return stats.preempted
+
+    def summary(self, seconds: float) -> dict:
+        n = max(self.n, 1)
+        return {**{key: value / n for key, value in self.sums.items()}, "steps": self.n, "seconds": seconds}
+
+
 def train_epoch(model, heads, table: LabelTable, loader, trunk_opt, head_opt, cfg, device, logger,
-                progress_state: dict, total_steps: int, on_step=None) -> dict:
+                progress_state: dict, total_steps: int, checkpoint=None) -> dict:
     """Train over `loader` (which already skips the batches done before a resume).
 
     progress_state: round, epoch, step (next batch index in the epoch), global_step; updated in place.
-    on_step(progress_state) is called after every step (checkpointing decides there).
-    A preemption signal on any rank ends the epoch after the current step on every rank, with
+    checkpoint(progress_state) -> bool says whether to save after this step, and saves when called
+    with save=True: a step's statistics (its NaN check) are read before its checkpoint is written.
+    A preemption signal on any rank ends the epoch on every rank after the same step, with
     summary["preempted"] = True (the caller saves and stops).
     """
     model.train()
     t = cfg.train
-    rank, steps_per_epoch = distributed.rank(), len(loader)
-    sums = dict(loss_super=0.0, loss_sub=0.0, acc_super=0.0, acc_sub=0.0, n=0, data_time=0.0, step_time=0.0)
-    preempted = False
+    rank, steps_per_epoch, world = comm.group_rank(), len(loader), comm.group_size()
+    log = EpochLog(logger, t.log_every_steps, world)
+    pending, preempted = None, False
     epoch_start = tick = time.perf_counter()
     for images, keys, labels in loader:
         data_time = time.perf_counter() - tick
         generator = torch.Generator().manual_seed(
             step_seed(cfg.seed, progress_state["epoch"], progress_state["step"], rank))
-        images = images.to(device, non_blocking=True)
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = make_targets(images, keys, table, t.rotations, t.all_rotations, generator, labels)
+        targets = make_targets(images, keys, table, t.rotations, t.all_rotations, generator, labels,
+                               device=device, channels_last=cfg.model.channels_last)
         lr = lr_at(progress_state["global_step"], total_steps, t, steps_per_epoch)
-        stats = train_step(model, heads, targets, trunk_opt, head_opt, lr, cfg, device)
-        step_time = time.perf_counter() - tick - data_time
-        for key in ("loss_super", "loss_sub", "acc_super", "acc_sub"):
-            sums[key] += getattr(stats, key)
-        sums["n"] += 1
-        sums["data_time"] += data_time
-        sums["step_time"] += step_time
+        vector = train_step(model, heads, targets, trunk_opt, head_opt, lr, cfg, device)
         progress_state["step"] += 1
         progress_state["global_step"] += 1
-        if progress_state["global_step"] % t.log_every_steps == 0:
-            logger.event("train", step=progress_state["global_step"], round=progress_state["round"],
-                         epoch=progress_state["epoch"], lr=lr, loss_super=stats.loss_super,
-                         loss_sub=stats.loss_sub, acc_super=stats.acc_super, acc_sub=stats.acc_sub,
-                         img_per_s=stats.images / max(data_time + step_time, 1e-9),
-                         data_time=data_time, step_time=step_time)
-        if stats.preempted:
-            preempted = True
+        done = PendingStats(vector, step=progress_state["global_step"], round=progress_state["round"],
+                            epoch=progress_state["epoch"], lr=lr, data_time=data_time,
+                            step_time=time.perf_counter() - tick - data_time)
+        if pending is not None:  # the previous step's numbers: finished by now, reading them is free
+            preempted = log.add(pending)
+        pending = done
+        if not preempted and checkpoint is not None and checkpoint(progress_state):
+            preempted, pending = log.add(pending), None  # this step checked before it is saved
+            if not preempted:
+                checkpoint(progress_state, save=True)
+        if preempted:  # the same step on every rank: the flag was summed over ranks
             break
-        if on_step is not None:
-            on_step(progress_state)
         tick = time.perf_counter()
-    n = max(sums.pop("n"), 1)
-    seconds = time.perf_counter() - epoch_start
-    summary = {key: value / n for key, value in sums.items()}
-    summary.update(steps=n, seconds=seconds, preempted=preempted)
+    if pending is not None:
+        preempted = log.add(pending) or preempted
+    summary = log.summary(time.perf_counter() - epoch_start)
+    summary["preempted"] = preempted
     return summary

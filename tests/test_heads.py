@@ -1,77 +1,81 @@
-"""Routed rotation x cluster heads: exact gradients against a single-process reference.
+"""The training step's gradients against the original DeeperCluster's, computed in one process.
 
     ~/.cache/dist_cluster/venv/bin/python -m pytest -q tests/test_heads.py
 
-Each rank holds a replicated Linear trunk and its slice of a global batch; the loss (super CE +
-routed sub CE, weighted or not), DDP-style trunk averaging and RoutedHeads.sync_grads must give
-the loss and every gradient of one process holding all heads and the whole batch.
+The reference is written from the original code (facebookresearch/DeeperCluster, src/trainer.py),
+not from ours: there each rank's loss is cross-entropy averaged over its own batch (sub-class +
+super-class), the trunk and the super-class layer are DDP-averaged over ALL ranks, and each
+sub-class layer is DDP-averaged over its OWN group of ranks. With equal batches per rank that is:
+  trunk, super head: d/dtheta of  sum_i w_i (CE_super_i + CE_sub_i) / sum_i w_i   (global batch)
+  sub head s:        d/dtheta of  sum_{i in s} w_i CE_sub_i / sum_{i in s} w_i     (its own rows)
+(w_i: balancing weights, 1 without balancing). `_reference` computes exactly these with plain
+autograd, one loss per head; `trainer.train_step` runs the distributed step on W real gloo ranks
+(DDP, routed heads), for W < S, W = S and W > S, unequal rows per rank and head, with and
+without weights. lr = 0 keeps the parameters, so the step's gradients are read afterwards.
 """
-import pytest
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_cluster.heads import (HEAD_INIT_STD, RoutedHeads, SuperHead, TrunkAndSuperHead,
-                                make_targets, scaled_local_sum)
+from dist_cluster.heads import HEAD_INIT_STD, RoutedHeads, TrunkAndSuperHead
+from dist_cluster.targets import Targets
+from dist_cluster.trainer import PendingStats, sgd, train_step
 from tests.dist_utils import run_ranks
 
 IN_DIM, FEAT_DIM = 6, 5
+CPU = torch.device("cpu")
+CFG = OmegaConf.create({"train": {"bf16": False, "lr": 0.0, "momentum": 0.0, "weight_decay": 0.0}})
 
 
 def _case_data(num_super, sub_classes, sizes, weighted, seed, skip_head):
-    """Global batch (inputs, super, sub, weight) split by rank sizes; `skip_head` never appears."""
+    """Global batch (inputs, super, sub, super weight, sub weight) split by rank sizes; `skip_head`
+    never appears."""
     gen = torch.Generator().manual_seed(1000 + seed)
     n = sum(sizes)
     x = torch.randn(n, IN_DIM, generator=gen)
     heads = [s for s in range(num_super) if s != skip_head]
     sup = torch.tensor(heads)[torch.randint(len(heads), (n,), generator=gen)]
     sub = torch.randint(sub_classes, (n,), generator=gen)
-    weight = torch.rand(n, generator=gen) * 2 + 0.1 if weighted else None
-    return x, sup, sub, weight
+    w_super = torch.rand(n, generator=gen) * 2 + 0.1 if weighted else torch.ones(n)
+    w_sub = torch.rand(n, generator=gen) * 2 + 0.1 if weighted else torch.ones(n)
+    return x, sup, sub, w_super, w_sub
 
 
 def _trunk(seed):
     torch.manual_seed(seed)  # the same trunk on every rank and in the reference
-    return torch.nn.Linear(IN_DIM, FEAT_DIM)
-
-
-def _distributed_step(rank, world, case, use_ddp=False):
-    """One training step; trunk + super head averaged by real DDP or by all_reduce / W."""
-    num_super, sub_classes, sizes, weighted, seed, skip_head = case
-    x, sup, sub, weight = _case_data(*case[:5], skip_head)
-    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    trunk = _trunk(seed)
+    trunk = torch.nn.Linear(IN_DIM, FEAT_DIM)
     trunk.feature_dim = FEAT_DIM
-    model = TrunkAndSuperHead(trunk, num_super, seed=seed)
-    heads = RoutedHeads(FEAT_DIM, num_super, sub_classes, seed=seed)
-    w_local = None if weight is None else weight[lo:hi]
+    return trunk
 
-    wrapped = DDP(model) if use_ddp else model  # keep a reference: a dropped DDP removes its hooks
-    feats, super_logits = wrapped(x[lo:hi])
-    sub_term, stats = heads.loss(feats, sup[lo:hi], sub[lo:hi], w_local, global_batch=sum(sizes))
-    super_ce = F.cross_entropy(super_logits, sup[lo:hi], reduction="none")
-    loss = scaled_local_sum(super_ce, w_local, stats["global_weight_sum"]) + sub_term
-    loss.backward()
-    if not use_ddp:
-        for p in model.parameters():  # what DDP does
-            dist.all_reduce(p.grad)
-            p.grad /= world
-    heads.sync_grads()
+
+def _distributed_step(rank, world, case):
+    """trainer.train_step on this rank's slice; returns its gradients and logged statistics."""
+    num_super, sub_classes, sizes, weighted, seed, skip_head = case
+    x, sup, sub, w_super, w_sub = _case_data(*case[:5], skip_head)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    module = TrunkAndSuperHead(_trunk(seed), num_super, seed=seed)
+    model = DDP(module)
+    heads = RoutedHeads(FEAT_DIM, num_super, sub_classes, seed=seed)
+    trunk_opt = sgd(module.trunk.parameters(), CFG.train)
+    head_opt = sgd(list(module.super_head.parameters()) + list(heads.parameters()), CFG.train)
+    targets = Targets(images=x[lo:hi], super_class=sup[lo:hi], sub_local=sub[lo:hi],
+                      super_weight=w_super[lo:hi], sub_weight=w_sub[lo:hi])
+    stats = PendingStats(train_step(model, heads, targets, trunk_opt, head_opt, 0.0, CFG, CPU)).result(world)
     # numpy, not tensors: torch.multiprocessing would pass tensors through shared memory that
     # disappears when the rank exits before the parent has read them
-    return dict(loss=loss.item(), trunk=[p.grad.numpy() for p in trunk.parameters()],
-                super=[p.grad.numpy() for p in model.super_head.parameters()],
-                heads={s: [p.grad.numpy() for p in heads.heads[str(s)].parameters()] for s in heads.owned},
-                correct=stats["correct"].numpy(), rows=stats["rows"].numpy())
+    return dict(loss_super=stats.loss_super, loss_sub=stats.loss_sub, acc_sub=stats.acc_sub,
+                trunk=[p.grad.numpy() for p in module.trunk.parameters()],
+                super=[p.grad.numpy() for p in module.super_head.parameters()],
+                heads={s: [p.grad.numpy() for p in heads.heads[str(s)].parameters()] for s in heads.owned})
 
 
 def _reference(case):
-    """One process, all heads, whole batch: plain autograd on the global weighted mean."""
+    """One process, all heads, the whole batch: the original's losses (module docstring)."""
     num_super, sub_classes, sizes, weighted, seed, skip_head = case
-    x, sup, sub, weight = _case_data(*case[:5], skip_head)
-    weight = torch.ones(len(x)) if weight is None else weight
+    x, sup, sub, w_super, w_sub = _case_data(*case[:5], skip_head)
     trunk = _trunk(seed)
     super_w = torch.randn(num_super, FEAT_DIM, generator=torch.Generator().manual_seed(seed * 1_000_003))
     super_w = (super_w * HEAD_INIT_STD).requires_grad_()
@@ -81,32 +85,41 @@ def _reference(case):
     head_w.requires_grad_()
     head_b = torch.zeros(num_super, sub_classes, requires_grad=True)
 
-    feats = F.relu(trunk(x))
-    super_ce = F.cross_entropy(feats @ super_w.T + super_b, sup, reduction="none")
-    sub_logits = torch.einsum("nd,ncd->nc", feats, head_w[sup]) + head_b[sup]
-    sub_ce = F.cross_entropy(sub_logits, sub, reduction="none")
-    loss = ((super_ce + sub_ce) * weight).sum() / weight.sum()
-    loss.backward()
-    correct = torch.bincount(sup[sub_logits.argmax(1) == sub], minlength=num_super)
-    return dict(loss=loss.item(), trunk=[p.grad for p in trunk.parameters()], super=[super_w.grad, super_b.grad],
-                heads={s: [head_w.grad[s], head_b.grad[s]] for s in range(num_super)},
-                correct=correct, rows=torch.bincount(sup, minlength=num_super))
+    def sub_ce():
+        feats = F.relu(trunk(x))
+        logits = torch.einsum("nd,ncd->nc", feats, head_w[sup]) + head_b[sup]
+        return feats, F.cross_entropy(logits, sub, reduction="none"), logits
 
-
-def _run_cases(rank, world, cases):
-    # the last case runs again under real DDP: its all_reduces interleave with the routed backward
-    return [_distributed_step(rank, world, case) for case in cases] + [
-        _distributed_step(rank, world, cases[-1], use_ddp=True)]
+    # trunk + super head: the global batch's weighted means (DDP average over all ranks)
+    feats, ce_sub, logits = sub_ce()
+    ce_super = F.cross_entropy(feats @ super_w.T + super_b, sup, reduction="none")
+    loss_super = (ce_super * w_super).sum() / w_super.sum()
+    loss_sub = (ce_sub * w_sub).sum() / w_sub.sum()
+    (loss_super + loss_sub).backward()
+    ref = dict(loss_super=loss_super.item(), loss_sub=loss_sub.item(),
+               acc_sub=(logits.argmax(1) == sub).float().mean().item(),
+               trunk=[p.grad.clone() for p in trunk.parameters()], super=[super_w.grad, super_b.grad], heads={})
+    # each sub head: the weighted mean over its own rows (DDP average over its own group)
+    for s in range(num_super):
+        rows = sup == s
+        head_w.grad = head_b.grad = None
+        _, ce_sub, _ = sub_ce()
+        if rows.any():
+            ((ce_sub * w_sub)[rows].sum() / w_sub[rows].sum()).backward()
+        ref["heads"][s] = [torch.zeros_like(head_w[s]) if head_w.grad is None else head_w.grad[s],
+                           torch.zeros_like(head_b[s]) if head_b.grad is None else head_b.grad[s]]
+    return ref
 
 
 def _close(a, b):
     return torch.allclose(torch.as_tensor(a), b, atol=1e-5, rtol=1e-4)
 
 
-def _check(results, case, world):
+def _check(results, case):
     ref = _reference(case)
-    assert abs(sum(r["loss"] for r in results) / world - ref["loss"]) < 1e-5
-    for r in results:  # the averaged trunk / super grads are the same on every rank
+    for r in results:  # statistics are summed over ranks: the same on every rank
+        for key in ("loss_super", "loss_sub", "acc_sub"):
+            assert abs(r[key] - ref[key]) < 1e-5, (case, key, r[key], ref[key])
         assert all(_close(a, b) for a, b in zip(r["trunk"], ref["trunk"])), case
         assert all(_close(a, b) for a, b in zip(r["super"], ref["super"])), case
     owners_seen = set()
@@ -115,15 +128,15 @@ def _check(results, case, world):
             owners_seen.add(s)
             assert all(_close(a, b) for a, b in zip(grads, ref["heads"][s])), (case, s)
     assert owners_seen == set(range(case[0]))
-    assert sum(r["rows"] for r in results).tolist() == ref["rows"].tolist()
-    assert sum(r["correct"] for r in results).tolist() == ref["correct"].tolist()
-    return results
+
+
+def _run_cases(rank, world, cases):
+    return [_distributed_step(rank, world, case) for case in cases]
 
 
 # (S heads, k/m sub classes, rows per rank, weighted, seed, head that never appears or -1)
-# the last case of each list runs a second time under real DDP
 CASES_W2 = [(4, 3, [5, 7], False, 0, -1),    # W < S: 2 heads per rank
-            (2, 1, [4, 4], True, 2, -1),     # one sub class: CE 0, still routed
+            (2, 1, [4, 4], True, 2, -1),     # W = S; one sub class: CE 0, still routed
             (3, 4, [9, 0], True, 1, 1)]      # W < S, uneven; one rank without rows, one head without rows
 CASES_W4 = [(4, 3, [3, 5, 4, 6], False, 3, -1),  # W = S
             (2, 3, [6, 2, 7, 5], True, 4, -1),   # W > S: groups of 2 ranks per head
@@ -131,22 +144,20 @@ CASES_W4 = [(4, 3, [3, 5, 4, 6], False, 3, -1),  # W = S
             (8, 3, [5, 6, 7, 9], True, 6, -1)]   # W < S
 
 
-def test_routed_heads_exact_single_rank():
+def test_train_step_matches_the_original_single_rank():
     case = (4, 3, [7], True, 7, -1)
-    for results in zip(*run_ranks(_run_cases, 1, ([case],))):
-        _check(results, case, 1)
+    _check(run_ranks(_run_cases, 1, ([case],))[0], case)
 
 
 def _bad_input_and_checkpoint(rank, world):
     heads = RoutedHeads(FEAT_DIM, 3, 2, seed=7)
     feats = torch.zeros(2, FEAT_DIM, requires_grad=True)
-    errors = []
     sup = torch.tensor([0, 5]) if rank == 1 else torch.tensor([0, 1])  # only rank 1 is wrong
-    for kwargs in (dict(super_target=sup), dict(super_target=torch.tensor([0, 1]), global_batch=99)):
-        try:
-            heads.loss(feats, sub_target=torch.tensor([0, 1]), **kwargs)
-        except ValueError as err:
-            errors.append(str(err))
+    try:
+        heads.loss(feats, sup, torch.tensor([0, 1]), torch.ones(2), torch.tensor(4.0), torch.ones(3))
+        error = "no error"
+    except ValueError as err:
+        error = str(err)
     # checkpoint: each head saved once (by its first owner), merged, loaded into other heads
     saved = [None] * world
     dist.all_gather_object(saved, heads.state_dict_owned())
@@ -154,35 +165,37 @@ def _bad_input_and_checkpoint(rank, world):
     other = RoutedHeads(FEAT_DIM, 3, 2, seed=8)
     other.load_state_dict_owned(merged)
     same = all(torch.equal(a, b) for a, b in zip(heads.parameters(), other.parameters()))
-    return errors, sorted(merged), [len(part) for part in saved], same
+    return error, sorted(merged), [len(part) for part in saved], same
 
 
 def _two_rank_checks(rank, world):
     return _run_cases(rank, world, CASES_W2), _bad_input_and_checkpoint(rank, world)
 
 
-def test_two_ranks_exact_grads_bad_targets_and_checkpoint():
-    """One 2-rank run (process start-up dominates): exact grads, errors on every rank, checkpoints."""
+def test_two_ranks_match_the_original_bad_targets_and_checkpoint():
+    """One 2-rank run (process start-up dominates): gradients, errors on every rank, checkpoints."""
     results = run_ranks(_two_rank_checks, 2)
-    for case, per_rank in zip(CASES_W2 + CASES_W2[-1:], zip(*[r[0] for r in results])):
-        _check(per_rank, case, 2)
-    for errors, merged_keys, per_rank, same in [r[1] for r in results]:
-        assert len(errors) == 2 and "1 bad rows" in errors[0] and "global_batch=99" in errors[1]
+    for case, per_rank in zip(CASES_W2, zip(*[r[0] for r in results])):
+        _check(per_rank, case)
+    for error, merged_keys, per_rank, same in [r[1] for r in results]:
+        assert "1 bad rows over all ranks" in error
         assert merged_keys == [0, 1, 2] and sum(per_rank) == 3 and same
 
 
-def test_routed_heads_exact_four_ranks_and_group_balance():
-    for case, results in zip(CASES_W4 + CASES_W4[-1:], zip(*run_ranks(_run_cases, 4, (CASES_W4,)))):
-        _check(results, case, 4)
-        if case[0] == 2:  # rows of a head spread over its 2 owners within the number of senders
-            for s, members in enumerate([[0, 1], [2, 3]]):
-                counts = [int(results[r]["rows"][s]) for r in members]
-                assert sum(counts) > 0 and max(counts) - min(counts) <= 4
+def test_four_ranks_match_the_original():
+    for case, results in zip(CASES_W4, zip(*run_ranks(_run_cases, 4, (CASES_W4,)))):
+        _check(results, case)
 
 
-def test_make_targets():
-    rot, z1, z2 = torch.tensor([0, 3, 1]), torch.tensor([1, 0, 1]), torch.tensor([5, 2, 3])
-    sup, local = make_targets(rot, z1, z2, m=2, k=6)  # k/m = 3 sub-clusters per super-cluster
-    assert sup.tolist() == [1, 6, 3] and local.tolist() == [2, 2, 0]
-    with pytest.raises(ValueError):
-        make_targets(rot, z1, torch.tensor([1, 2, 3]), m=2, k=6)
+def test_sub_head_gradient_is_not_divided_by_the_number_of_heads():
+    """The departure this suite was written to catch: a sub head's gradient used to be the sum over
+    its rows divided by the GLOBAL batch, S times smaller than the original's (lr / S on the heads)."""
+    case = (4, 3, [24], False, 11, -1)
+    ref = _reference(case)
+    got = run_ranks(_run_cases, 1, ([case],))[0][0]
+    x, sup, *_ = _case_data(*case[:5], -1)
+    for s in range(4):
+        share = float((sup == s).float().mean())  # about 1 / S
+        old = ref["heads"][s][0] * share  # what sum-over-rows / global-batch gives
+        assert _close(got["heads"][s][0], ref["heads"][s][0])
+        assert not np.allclose(got["heads"][s][0], old.numpy(), atol=1e-6)

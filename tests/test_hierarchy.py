@@ -21,6 +21,8 @@ from dist_cluster.logger import MetricLogger, read_metrics
 from tests.dist_utils import run_ranks
 from tests.test_kmeans import numpy_lloyd
 
+CPU = torch.device("cpu")
+
 
 def normalized_mutual_info_score(a, b):
     """sklearn's NMI, imported here so the spawned ranks do not pay for importing sklearn."""
@@ -66,7 +68,7 @@ def _hier_cases(rank, cases):
     for name, (x, bounds, k, m, seed) in cases.items():
         try:
             res = hierarchical_kmeans(torch.from_numpy(x[bounds[rank]:bounds[rank + 1]]), k, m, NITER, seed,
-                                      backend="auto", init_samples_per_rank=30)
+                                      CPU, backend="auto", init_samples_per_rank=30)
         except ValueError as err:
             out[name] = str(err)
             continue
@@ -85,10 +87,10 @@ def _stage_rounds(rank, run_dir, feats, keys, bounds):
     cfg = OmegaConf.structured(ClusterConfig(k=6, m=2, pca_dim=5, niter=NITER, init_samples_per_rank=40))
     logger = MetricLogger(run_dir, tensorboard=False)
     lo, hi = bounds[rank], bounds[rank + 1]
-    first = run_clustering(torch.from_numpy(feats[lo:hi]), keys[lo:hi], cfg, 0, run_dir, logger, seed=0)
+    first = run_clustering(torch.from_numpy(feats[lo:hi]), keys[lo:hi], cfg, 0, run_dir, logger, seed=0, device=CPU)
     order = np.random.default_rng(rank).permutation(hi - lo)[: hi - lo - 3]
     second = run_clustering(torch.from_numpy(feats[lo:hi][order] * 1.01), keys[lo:hi][order], cfg, 1, run_dir,
-                            logger, seed=1, prev=first)
+                            logger, seed=1, device=CPU, prev=first)
     logger.close()
     return [vars(first), vars(second)]
 
@@ -311,7 +313,7 @@ def test_stage_one_process_memmap_path_matches_ram(tmp_path):
         cfg = OmegaConf.structured(ClusterConfig(k=6, m=2, pca_dim=5, niter=NITER, memmap_gb=memmap_gb,
                                                  memmap_dir=str(tmp_path)))
         logger = MetricLogger(tmp_path / name, tensorboard=False)
-        states.append(run_clustering(feats, STAGE_KEYS, cfg, 0, tmp_path / name, logger, seed=0))
+        states.append(run_clustering(feats, STAGE_KEYS, cfg, 0, tmp_path / name, logger, seed=0, device=CPU))
         logger.close()
     assert np.array_equal(states[0].sub, states[1].sub) and np.array_equal(states[0].keys, STAGE_KEYS)
     assert read_metrics(tmp_path / "disk", "pca")[0]["memmap"].endswith(".f32")

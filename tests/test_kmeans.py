@@ -9,6 +9,8 @@ import torch
 from dist_cluster.cluster.kmeans import SPLIT_EPS, init_quotas, kmeans
 from tests.dist_utils import run_ranks
 
+CPU = torch.device("cpu")
+
 
 def blobs(n_per=60, k=5, d=8, spread=0.05, seed=0):
     """Well-separated clusters: Lloyd from any init that hits every blob recovers them exactly."""
@@ -56,7 +58,7 @@ def test_one_rank_matches_faiss_kmeans(backend):
     # faiss subsamples to k * max_points_per_centroid rows unless told otherwise
     ref = faiss.Kmeans(16, 20, niter=8, max_points_per_centroid=10**6, seed=1)
     ref.train(x, init_centroids=init)
-    res = kmeans(torch.from_numpy(x), 20, 8, seed=0, backend=backend, init_centroids=torch.from_numpy(init))
+    res = kmeans(torch.from_numpy(x), 20, 8, seed=0, device=CPU, backend=backend, init_centroids=torch.from_numpy(init))
     np.testing.assert_allclose(res.objective, ref.obj, rtol=1e-3)  # spec: within 1%; we are far closer
     np.testing.assert_allclose(res.centroids.numpy(), ref.centroids, atol=1e-3)
 
@@ -64,11 +66,11 @@ def test_one_rank_matches_faiss_kmeans(backend):
 def test_torch_and_faiss_backends_agree_and_memmap_input(tmp_path):
     x = blobs(n_per=40, k=6, d=10, spread=1.0)
     init = torch.from_numpy(x[:6].copy())
-    a = kmeans(torch.from_numpy(x), 6, 5, 0, backend="faiss", init_centroids=init)
-    b = kmeans(torch.from_numpy(x), 6, 5, 0, backend="torch", init_centroids=init, chunk_rows=37)
+    a = kmeans(torch.from_numpy(x), 6, 5, 0, device=CPU, backend="faiss", init_centroids=init)
+    b = kmeans(torch.from_numpy(x), 6, 5, 0, device=CPU, backend="torch", init_centroids=init, chunk_rows=37)
     mm = np.memmap(tmp_path / "x.f32", dtype=np.float32, mode="w+", shape=x.shape)
     mm[:] = x
-    c = kmeans(mm, 6, 5, 0, backend="auto", init_centroids=init, chunk_rows=50)
+    c = kmeans(mm, 6, 5, 0, device=CPU, backend="auto", init_centroids=init, chunk_rows=50)
     for other in (b, c):
         assert torch.equal(other.assign_local, a.assign_local)
         np.testing.assert_allclose(other.objective, a.objective, rtol=1e-5)
@@ -81,7 +83,7 @@ def test_empty_cluster_is_resplit_like_the_reference():
     x = blobs(n_per=50, k=4, d=6, spread=1.0, seed=3)
     init = x[:5].copy()
     init[2] = 1e3  # nobody is near: empty after the first E-step
-    res = kmeans(torch.from_numpy(x), 5, 6, seed=4, backend="torch", init_centroids=torch.from_numpy(init))
+    res = kmeans(torch.from_numpy(x), 5, 6, seed=4, device=CPU, backend="torch", init_centroids=torch.from_numpy(init))
     ref = numpy_lloyd(x, init, 6, 4)
     assert res.empty_resplit == ref["empties"] >= 1
     assert (res.sizes > 0).all() and res.sizes.sum() == len(x)
@@ -92,8 +94,8 @@ def test_empty_cluster_is_resplit_like_the_reference():
 def test_k_larger_than_n_and_k_equal_one():
     x = torch.randn(7, 3)
     with pytest.raises(ValueError, match=r"k=8 .* n=7"):
-        kmeans(x, 8, 3, 0)
-    one = kmeans(x, 1, 5, 0)
+        kmeans(x, 8, 3, 0, device=CPU)
+    one = kmeans(x, 1, 5, 0, device=CPU)
     assert one.assign_local.tolist() == [0] * 7 and one.objective == [] and one.sizes.tolist() == [7]
     np.testing.assert_allclose(one.centroids[0].numpy(), x.mean(0).numpy(), atol=1e-6)
     np.testing.assert_allclose(one.final_objective, ((x - x.mean(0)) ** 2).sum().item(), rtol=1e-5)
@@ -114,7 +116,7 @@ def _kmeans_on_ranks(rank, world, cases):
     for name, (x, bounds, k, niter, seed, init) in cases.items():
         shard = torch.from_numpy(x[bounds[rank]:bounds[rank + 1]])
         try:
-            res = kmeans(shard, k, niter, seed, backend="auto", init_samples_per_rank=25,
+            res = kmeans(shard, k, niter, seed, device=CPU, backend="auto", init_samples_per_rank=25,
                          init_centroids=None if init is None else torch.from_numpy(init))
         except ValueError as err:
             out[name] = str(err)

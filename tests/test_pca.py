@@ -9,6 +9,8 @@ import torch
 from dist_cluster.cluster.pca import fit_pca
 from tests.dist_utils import run_ranks
 
+CPU = torch.device("cpu")
+
 D, DIM, EPS = 12, 5, 1e-5
 
 
@@ -44,7 +46,7 @@ def whiten_reference(x, mean, proj):
 
 def test_single_process_matches_numpy_and_whitens():
     x = make_features()
-    pca = fit_pca(torch.from_numpy(x), DIM, EPS)
+    pca = fit_pca(torch.from_numpy(x), DIM, EPS, CPU)
     mean, proj, values = numpy_pca(x, DIM, EPS)
     np.testing.assert_allclose(pca.mean.numpy(), mean, rtol=1e-10)
     np.testing.assert_allclose(pca.eigenvalues.numpy(), values, rtol=1e-8)
@@ -52,7 +54,7 @@ def test_single_process_matches_numpy_and_whitens():
     # whitened (before normalisation): covariance = identity on the kept components
     centred = (x.astype(np.float64) - pca.mean.numpy()) @ pca.projection.numpy()
     np.testing.assert_allclose(np.cov(centred, rowvar=False), np.eye(DIM), atol=1e-8)
-    y = pca.apply(torch.from_numpy(x)).numpy()
+    y = pca.apply(torch.from_numpy(x), CPU).numpy()
     assert y.dtype == np.float32 and y.shape == (len(x), DIM)
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
     ref = whiten_reference(x, mean, proj)
@@ -62,7 +64,7 @@ def test_single_process_matches_numpy_and_whitens():
 
 def test_dim_equal_to_d_and_reconstruction():
     x = make_features(n=100)
-    pca = fit_pca(torch.from_numpy(x), D, EPS)
+    pca = fit_pca(torch.from_numpy(x), D, EPS, CPU)
     white = (x.astype(np.float64) - pca.mean.numpy()) @ pca.projection.numpy()
     back = white @ np.linalg.pinv(pca.projection.numpy()) + pca.mean.numpy()  # full rank: lossless
     np.testing.assert_allclose(back, x, atol=1e-4)
@@ -72,38 +74,38 @@ def test_memmap_input_and_output_match_tensor(tmp_path):
     x = make_features(n=300)
     src = np.memmap(tmp_path / "x.f32", dtype=np.float32, mode="w+", shape=x.shape)
     src[:] = x
-    pca_t = fit_pca(torch.from_numpy(x), DIM, EPS)
-    pca_m = fit_pca(src, DIM, EPS, chunk_rows=64)  # several chunks
+    pca_t = fit_pca(torch.from_numpy(x), DIM, EPS, CPU)
+    pca_m = fit_pca(src, DIM, EPS, CPU, chunk_rows=64)  # several chunks
     np.testing.assert_allclose(pca_m.projection.numpy(), pca_t.projection.numpy(), rtol=1e-9, atol=1e-12)
     out = np.memmap(tmp_path / "y.f32", dtype=np.float32, mode="w+", shape=(len(x), DIM))
-    got = pca_m.apply(src, out=out, chunk_rows=70)
+    got = pca_m.apply(src, CPU, out=out, chunk_rows=70)
     assert got is out
-    np.testing.assert_allclose(np.asarray(out), pca_t.apply(torch.from_numpy(x)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), pca_t.apply(torch.from_numpy(x), CPU).numpy(), atol=1e-5)
 
 
 def test_eigenvalue_floor_on_rank_deficient_data():
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((50, 3)) @ rng.standard_normal((3, 8))).astype(np.float32)  # rank 3 in 8 dims
-    pca = fit_pca(torch.from_numpy(x), 6, 1e-3)
+    pca = fit_pca(torch.from_numpy(x), 6, 1e-3, CPU)
     assert pca.n_floored == 3
-    y = pca.apply(torch.from_numpy(x))
+    y = pca.apply(torch.from_numpy(x), CPU)
     assert torch.isfinite(y).all() and pca.explained_variance == pytest.approx(1.0, abs=1e-6)
 
 
 def test_constant_features_give_zero_rows_not_nan():
-    pca = fit_pca(torch.ones(10, 4), 2, 1e-5)
-    y = pca.apply(torch.ones(3, 4))
+    pca = fit_pca(torch.ones(10, 4), 2, 1e-5, CPU)
+    y = pca.apply(torch.ones(3, 4), CPU)
     assert torch.isfinite(y).all()
 
 
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"dim=13 .*D=12"):
-        fit_pca(torch.zeros(10, D), 13, EPS)
+        fit_pca(torch.zeros(10, D), 13, EPS, CPU)
     with pytest.raises(ValueError, match="at least 2 rows"):
-        fit_pca(torch.zeros(1, D), 3, EPS)
-    pca = fit_pca(torch.from_numpy(make_features(n=20)), 3, EPS)
+        fit_pca(torch.zeros(1, D), 3, EPS, CPU)
+    pca = fit_pca(torch.from_numpy(make_features(n=20)), 3, EPS, CPU)
     with pytest.raises(ValueError, match="12-dim"):
-        pca.apply(torch.zeros(4, 7))
+        pca.apply(torch.zeros(4, 7), CPU)
 
 
 # ---------------------------------------------------------------- two ranks
@@ -114,9 +116,9 @@ def _fit_on_ranks(rank, world, x, splits):
     out = []
     for split in splits:
         lo, hi = split[rank], split[rank + 1]
-        pca = fit_pca(torch.from_numpy(x[lo:hi]), DIM, EPS)
+        pca = fit_pca(torch.from_numpy(x[lo:hi]), DIM, EPS, CPU)
         out.append(dict(mean=pca.mean.numpy(), proj=pca.projection.numpy(), count=pca.count,
-                        y=pca.apply(torch.from_numpy(x[lo:hi])).numpy()))
+                        y=pca.apply(torch.from_numpy(x[lo:hi]), CPU).numpy()))
     return out
 
 

@@ -15,7 +15,7 @@ def _uneven_loop(rank, world, lengths, signal_at, every=2):
     """('done' | 'stopped', iterations run); the signal is recorded on rank signal_at[0] before
     iteration signal_at[1] (or 'after' its loop)."""
     preemption.reset()
-    poll, done = preemption.UnevenLoopPoll(torch.device("cpu"), every=every), 0
+    poll, done = preemption.UnevenLoopPoll(every=every), 0
     try:
         for i in range(lengths[rank]):
             if signal_at == (rank, i):
@@ -62,13 +62,66 @@ def test_extract_stops_on_the_signal_and_removes_its_memmap(tmp_path):
     preemption.reset()
     cfg_cluster = SimpleNamespace(memmap_gb=0.0, memmap_dir=str(tmp_path))  # force the disk buffer
     feats, keys, _ = extract_features(torch.nn.Linear(3, 4), _Loader(5), 10, 4, torch.device("cpu"),
-                                      cfg_cluster, poll=preemption.UnevenLoopPoll(torch.device("cpu"), every=2))
+                                      cfg_cluster, poll=preemption.UnevenLoopPoll(every=2))
     assert feats.shape == (10, 4) and len(keys) == 10  # single process: the poll is local
     preemption._record(signal.SIGUSR2, None)
     try:
         with pytest.raises(preemption.StopRequested):
             extract_features(torch.nn.Linear(3, 4), _Loader(5), 10, 4, torch.device("cpu"), cfg_cluster,
-                             tag="stopped", poll=preemption.UnevenLoopPoll(torch.device("cpu"), every=2))
+                             tag="stopped", poll=preemption.UnevenLoopPoll(every=2))
     finally:
         preemption.reset()
     assert not list(tmp_path.glob("*stopped*"))
+
+
+class _SignalAtKmeans:
+    """A metrics logger that records the signal on one rank when it logs a given k-means iteration
+    (level 1: every rank iterates together; level 2: ranks own different super-clusters)."""
+
+    def __init__(self, rank, at):
+        self.rank, self.at, self.iterations = rank, at, []
+
+    def event(self, kind, **fields):
+        if kind == "kmeans" and "iteration" in fields:
+            self.iterations.append((fields["level"], fields["super"], fields["iteration"]))
+            if self.at is not None and self.at == (self.rank, fields["level"], fields["iteration"]):
+                preemption._record(signal.SIGUSR2, None)
+
+
+def _cluster_with_signal(rank, world, at, run_dir):
+    from dist_cluster.cluster.stage import round_dir, run_clustering
+    from dist_cluster.config import ClusterConfig
+    preemption.reset()
+    gen = torch.Generator().manual_seed(rank)
+    feats = torch.randn(60 + 20 * rank, 8, generator=gen)
+    keys = [f"r{rank}_{i}" for i in range(len(feats))]
+    cfg = ClusterConfig(k=12, m=3, pca_dim=4, niter=4, memmap_dir=str(run_dir))
+    logger = _SignalAtKmeans(rank, at)
+    try:
+        run_clustering(feats, keys, cfg, 0, run_dir, logger, seed=0, device=torch.device("cpu"),
+                       poll=preemption.UnevenLoopPoll(every=1))
+        outcome = "done"
+    except preemption.StopRequested:
+        outcome = "stopped"
+    finally:
+        preemption.reset()
+    return outcome, logger.iterations, (round_dir(run_dir, 0) / "sizes.json").exists()
+
+
+def _three_scenarios(rank, world, run_dir):
+    return [_cluster_with_signal(rank, world, at, run_dir / name)
+            for name, at in (("level1", (1, 1, 1)), ("level2", (0, 2, 0)), ("none", None))]
+
+
+def test_signal_during_clustering_stops_every_rank_at_the_same_poll(tmp_path):
+    """A USR2 in k-means (minutes at scale) used to wait for the first training step, past any
+    signal delay. Now every rank stops together, in level 1 or in the uneven level 2, and a run
+    without a signal is unaffected (one 3-rank start-up for the three scenarios)."""
+    level1, level2, none = zip(*run_ranks(_three_scenarios, 3, (tmp_path,)))
+    for results in (level1, level2):
+        assert [r[0] for r in results] == ["stopped"] * 3
+        assert not any(r[2] for r in results)  # no round files: the round is redone on resume
+    # level 1 is iterated by all ranks together: all stop after the iteration that saw the signal
+    assert {len(r[1]) for r in level1} == {2}
+    assert all(len(r[1]) > 4 and any(level == 2 for level, _, _ in r[1]) for r in level2)
+    assert [r[0] for r in none] == ["done"] * 3 and all(r[2] for r in none)

@@ -7,7 +7,7 @@ import torch
 
 from dist_cluster.config import ConfigError, load_config
 from dist_cluster.targets import LabelTable, make_targets
-from dist_cluster.trainer import lr_at, reduce_step_stats
+from dist_cluster.trainer import PendingStats, lr_at, step_stats_vector
 from tests.dist_utils import run_ranks
 
 
@@ -45,8 +45,9 @@ def test_unknown_key_is_a_clear_error():
 
 def _nan_on_rank1(rank, world):
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    vector = step_stats_vector(loss, torch.tensor(0.5), torch.tensor(1), torch.tensor(1), 1, 4, torch.device("cpu"))
     try:
-        reduce_step_stats(loss, torch.tensor(0.5), 1, 1, 1, 4, world)
+        PendingStats(vector, step=3).result(world)
     except FloatingPointError as err:
         return str(err)
     return "no error"
@@ -79,3 +80,47 @@ def test_modes_set_the_baselines():
     assert (rot.cluster.k, rot.cluster.m, rot.train.rotations) == (1, 1, 4)
     dc = load_config(None, ["mode=deepcluster", "cluster.k=50"])
     assert (dc.cluster.k, dc.cluster.m, dc.train.rotations) == (50, 1, 1)
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
+
+
+def _count_host_reads_in_one_step(rank, world):
+    """Wrap every Tensor method that reads a value on the host and count the calls in train_step.
+
+    On a GPU each such read waits for all queued work (the GPU test counts them with
+    torch.cuda.set_sync_debug_mode); here the same code runs on CPU, so the count is the proxy."""
+    counts = {name: 0 for name in HOST_READS}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += 1
+            return originals[name](self, *args, **kwargs)
+        return wrapper
+
+    import tests.test_heads as th
+    real_step = th.train_step
+
+    def step_only(*args, **kwargs):  # count inside train_step, not the stats read that follows it
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counting(name))
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            for name, fn in originals.items():
+                setattr(torch.Tensor, name, fn)
+
+    th.train_step = step_only
+    try:
+        th._distributed_step(rank, world, th.CASES_W4[1])  # W > S: heads shared by groups of 2 ranks
+    finally:
+        th.train_step = real_step
+    return counts
+
+
+def test_one_step_reads_the_host_once():
+    """Issue target: at most one blocking sync per step (the routing's counts); it was about 25."""
+    for counts in run_ranks(_count_host_reads_in_one_step, 4):
+        assert sum(counts.values()) <= 1, counts
+        assert counts["tolist"] == 1, counts  # the count matrix of the all_to_all

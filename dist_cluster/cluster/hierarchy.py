@@ -1,7 +1,7 @@
 """Hierarchical k-means: m super-clusters over all ranks, then k/m sub-clusters inside each one,
 computed by the rank group that owns it; features travel by all_to_all, labels come back.
 
-    res = hierarchical_kmeans(x_local, k=1000, m=4, niter=20, seed=0, backend="auto")
+    res = hierarchical_kmeans(x_local, k=1000, m=4, niter=20, seed=0, device=dev, backend="auto")
     res.super_local, res.sub_local   # [n_local] each, for THIS rank's rows, in their order
 
 LEVEL 1  kmeans(m) over every rank.
@@ -19,7 +19,10 @@ sizes, so all members of a group skip or join the same collectives.
 Modes: m == 1 (flat DeepCluster) clusters over the world with no routing; k == m needs no level 2
 (sub == super); k == 1 (RotNet) labels everything 0.
 
-Memory: a rank holds its own rows plus the rows routed to it (about n_local again, both in RAM).
+Memory: a rank holds its own rows plus the rows routed to it (about n_local again). The routed
+rows land on `device` (the run's device: the GPU under NCCL), where level 2 reads them.
+Preemption: `poll` (preemption.UnevenLoopPoll) polls after every Lloyd iteration of both levels;
+level 2 is uneven (a rank may own several super-clusters), so its polls are finished after it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ import torch.distributed as dist
 
 from .. import distributed
 from ..logger import Timer
-from . import comm
+from .. import comm
+from ..preemption import NO_POLL
+from .rows import num_rows, take_rows
 from .kmeans import KMeansResult, kmeans
 
 _GROUP_CACHE: dict = {}
@@ -84,13 +89,14 @@ def route_destinations(super_local: torch.Tensor, owners: list[list[int]], rank:
     return dest
 
 
-def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, backend: str = "auto",
-                        log: Optional[Callable[..., None]] = None, init_samples_per_rank: int = 10000
-                        ) -> HierResult:
-    """Collective over the world. `log(level=, super=, iteration=, objective=, seconds=)` per iteration."""
+def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: torch.device,
+                        backend: str = "auto", log: Optional[Callable[..., None]] = None,
+                        init_samples_per_rank: int = 10000, poll=NO_POLL) -> HierResult:
+    """Collective over the world, computed on `device`.
+    `log(level=, super=, iteration=, objective=, seconds=)` per iteration."""
     if m < 1 or k < m or k % m:
         raise ValueError(f"hierarchical k-means needs 1 <= m <= k and k % m == 0, got k={k}, m={m}")
-    n_total = int(comm.all_reduce(torch.tensor([comm.num_rows(x_local)]), None).item())
+    n_total = int(comm.all_reduce(torch.tensor([num_rows(x_local)]), None).item())
     if k > n_total:
         raise ValueError(f"k={k} clusters but only n={n_total} images over all ranks")
     kpm, rank = k // m, comm.group_rank()
@@ -101,7 +107,9 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, backend:
         return None if log is None else (lambda **kw: log(level=level, super=s, **kw))
 
     with Timer() as timer:
-        level1 = kmeans(x_local, m, niter, seed, backend, None, init_samples_per_rank, level_log(1))
+        level1 = kmeans(x_local, m, niter, seed, device, backend, None, init_samples_per_rank, level_log(1),
+                        poll=poll)
+        poll.finish()
     seconds["level1"] = timer.seconds
     super_local, super_sizes = level1.assign_local, level1.sizes
     res = HierResult(super_local=super_local, sub_local=super_local.clone(), centroids_super=level1.centroids,
@@ -115,14 +123,16 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, backend:
         level2_stats[1] = level1.final_objective if rank == 0 else 0.0
     elif m == 1:  # flat k-means over the world: nothing to route
         with Timer() as timer:
-            flat = kmeans(x_local, k, niter, seed + 1, backend, None, init_samples_per_rank, level_log(2, 0))
+            flat = kmeans(x_local, k, niter, seed + 1, device, backend, None, init_samples_per_rank,
+                          level_log(2, 0), poll=poll)
+            poll.finish()
         seconds["level2"] = timer.seconds
         res.sub_local, res.centroids_sub, res.level2 = flat.assign_local, {0: flat.centroids}, {0: flat}
         if rank == 0:
             level2_stats += torch.tensor([flat.empty_resplit, flat.final_objective], dtype=torch.float64)
     else:
-        _route_and_cluster(x_local, res, k, m, niter, seed, backend, init_samples_per_rank,
-                           owners, groups, mine, level2_stats, level_log)
+        _route_and_cluster(x_local, res, k, m, niter, seed, device, backend, init_samples_per_rank,
+                           owners, groups, mine, level2_stats, level_log, poll)
 
     res.clamped = {s: int(n) for s, n in enumerate(super_sizes.tolist()) if n < kpm and kpm > 1}
     level2_stats = comm.all_reduce(level2_stats)
@@ -132,8 +142,8 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, backend:
     return res
 
 
-def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, backend, init_samples_per_rank,
-                       owners, groups, mine, level2_stats, level_log) -> None:
+def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, device, backend, init_samples_per_rank,
+                       owners, groups, mine, level2_stats, level_log, poll) -> None:
     """ROUTE -> LEVEL 2 -> RETURN; fills res.sub_local, res.centroids_sub, res.level2."""
     kpm, rank, world = k // m, comm.group_rank(), comm.group_size()
     seconds = res.seconds
@@ -141,7 +151,8 @@ def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, backend, ini
         dest = route_destinations(res.super_local, owners, rank)
         send_order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=world).tolist()
-        recv_x, recv_counts = comm.all_to_all_rows(comm.take_rows(x_local, send_order), send_counts)
+        recv_x, recv_counts = comm.all_to_all_rows(take_rows(x_local, send_order), send_counts,
+                                                   out_device=device)
         recv_super = comm.all_to_all_rows_known(res.super_local[send_order], send_counts, recv_counts)
     seconds["route"] = timer.seconds
 
@@ -154,12 +165,13 @@ def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, backend, ini
             if n_s == 0:
                 continue  # every member sees the same global size and skips together
             rows = by_super[bounds[s]:bounds[s + 1]]
-            sub = kmeans(recv_x[rows], min(kpm, n_s), niter, seed * 1_000_003 + s + 1, backend, groups[s],
-                         init_samples_per_rank, level_log(2, s))
+            sub = kmeans(recv_x[rows.to(device)], min(kpm, n_s), niter, seed * 1_000_003 + s + 1, device,
+                         backend, groups[s], init_samples_per_rank, level_log(2, s), poll=poll)
             recv_sub[rows] = s * kpm + sub.assign_local
             res.centroids_sub[s], res.level2[s] = sub.centroids, sub
             if comm.group_rank(groups[s]) == 0:
                 level2_stats += torch.tensor([sub.empty_resplit, sub.final_objective], dtype=torch.float64)
+        poll.finish()  # ranks own different numbers of super-clusters: join until all are done
         if (recv_sub < 0).any():
             raise RuntimeError(f"rank {rank}: {(recv_sub < 0).sum()} routed rows belong to a super-cluster "
                                "this rank does not own (routing and ownership disagree)")

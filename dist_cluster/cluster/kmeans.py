@@ -1,6 +1,6 @@
 """Sharded Lloyd k-means: each rank keeps its own rows; only k x d numbers cross the network.
 
-    res = kmeans(x_local, k=1000, niter=20, seed=0)   # collective over `group` (default: world)
+    res = kmeans(x_local, k=1000, niter=20, seed=0, device=dev)   # collective over `group` (default: world)
     res.centroids            # [k, d], identical on every rank
     res.assign_local         # [n_local] int64, nearest final centroid of each local row
 
@@ -8,7 +8,9 @@ Per iteration: E-step on the local rows (faiss IndexFlatL2, a faiss GPU index, o
 matmul), M-step as ONE all_reduce of [k*d sums | k counts | objective] in float64, then empty
 clusters are re-split identically on every rank (same global counts, same seeded generator).
 After `niter` iterations a final E-step assigns every row to the final centroids, so labels,
-sizes and centroids agree.
+sizes and centroids agree. The E-step runs on the `device` the caller names (the run's device):
+rows that live in RAM or a local memmap stream to it in chunks, as DeeperCluster feeds its faiss
+GPU index from a CPU cache.
 
 Matching faiss.Kmeans: `objective[i]` is faiss's `obj[i]` (sum of squared distances at the E-step
 of iteration i). faiss.Kmeans takes initial centroids through `train(x, init_centroids=c)` and
@@ -24,10 +26,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import comm
+from .. import comm
+from ..preemption import NO_POLL
+from .rows import num_rows, row_chunks, take_rows
 
 SPLIT_EPS = 1.0 / 1024  # relative perturbation of a split centroid (faiss uses the same)
 DATA_CHUNK_ELEMENTS = 2**24  # rows per data chunk = this / d (one chunk of a memmap in RAM at a time)
+# faiss's GPU scratch space (StandardGpuResources reserves 18% of the card by default, outside
+# torch's caching allocator): bounded, and torch's cached blocks are freed before it is reserved
+FAISS_GPU_TEMP_BYTES = 1 << 30
 
 
 @dataclass
@@ -111,7 +118,9 @@ class FaissAssigner:
         self.device = device
         if device.type == "cuda" and faiss_num_gpus() > 0:
             import faiss.contrib.torch_utils  # noqa: F401 - lets GPU indexes take torch CUDA tensors
+            release_torch_cache(device)
             self._res = faiss.StandardGpuResources()
+            self._res.setTempMemory(FAISS_GPU_TEMP_BYTES)
             config = faiss.GpuIndexFlatConfig()
             config.device = device.index or 0
             self.index = faiss.GpuIndexFlatL2(self._res, d, config)
@@ -138,6 +147,13 @@ class FaissAssigner:
         return torch.from_numpy(dists[:, 0]).to(x.device), torch.from_numpy(labels[:, 0]).to(x.device)
 
 
+def release_torch_cache(device: torch.device) -> None:
+    """Hand torch's cached, unused GPU blocks back to the driver, so that an allocator outside torch
+    (faiss's cudaMalloc) finds them: torch keeps freed blocks for itself until told otherwise."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+
+
 def make_assigner(backend: str, d: int, device: torch.device):
     return FaissAssigner(d, device) if backend == "faiss" else TorchAssigner(device)
 
@@ -157,8 +173,8 @@ def init_quotas(counts: list[int], cap: int, k: int) -> list[int]:
     return [min(n, cap) for n in counts]
 
 
-def initial_centroids(x_local, k: int, seed: int, init_samples_per_rank: int, group=None,
-                      device: Optional[torch.device] = None) -> torch.Tensor:
+def initial_centroids(x_local, k: int, seed: int, init_samples_per_rank: int, device: torch.device,
+                      group=None) -> torch.Tensor:
     """k distinct rows drawn uniformly from a pool of bounded random subsets, one per rank.
 
     Rank r's subset is init_samples_per_rank random rows of its own (fewer if it has fewer; more
@@ -168,8 +184,7 @@ def initial_centroids(x_local, k: int, seed: int, init_samples_per_rank: int, gr
     and traffic, and no rank ever holds another rank's pool (an all_gather would cost W * pool * d).
     """
     world, me = comm.group_size(group), comm.group_rank(group)
-    device = device or comm.data_device(x_local)
-    n_local, d = comm.num_rows(x_local), int(x_local.shape[1])
+    n_local, d = num_rows(x_local), int(x_local.shape[1])
     counts = torch.zeros(world, dtype=torch.int64)
     counts[me] = n_local
     counts = comm.all_reduce(counts, group).tolist()
@@ -181,7 +196,7 @@ def initial_centroids(x_local, k: int, seed: int, init_samples_per_rank: int, gr
     if len(slots):
         subset = np.random.default_rng([seed, 11, me]).choice(n_local, size=quotas[me], replace=False)
         rows = torch.from_numpy(subset[chosen[slots] - offset])
-        centroids[torch.from_numpy(slots).to(device)] = comm.take_rows(x_local, rows).to(device)
+        centroids[torch.from_numpy(slots).to(device)] = take_rows(x_local, rows).to(device)
     return comm.all_reduce(centroids, group)  # x + 0 + ... + 0 == x exactly: identical everywhere
 
 
@@ -217,18 +232,18 @@ def split_empty_clusters(centroids: torch.Tensor, counts: np.ndarray, rng: np.ra
 def _pass(x_local, assigner, k: int, device: torch.device, chunk_rows: int, with_sums: bool):
     """One E-step over the local rows: labels, float64 [sums (k*d) | counts (k) | objective (1)]."""
     d = int(x_local.shape[1])
-    n_local = comm.num_rows(x_local)
-    labels = torch.empty(n_local, dtype=torch.int64)
+    n_local = num_rows(x_local)
+    labels = torch.empty(n_local, dtype=torch.int64, device=device)
     sums = torch.zeros(k, d, dtype=torch.float64, device=device) if with_sums else None
     partial = torch.zeros(k, d, dtype=torch.float32, device=device) if with_sums else None
     counts = torch.zeros(k, dtype=torch.float64, device=device)
     objective = torch.zeros(1, dtype=torch.float64, device=device)
-    for start, chunk in comm.row_chunks(x_local, chunk_rows, device):
+    for start, chunk in row_chunks(x_local, chunk_rows, device):
         dists, idx = assigner.assign(chunk)
         idx = idx.to(device)
-        labels[start:start + len(idx)] = idx.cpu()
+        labels[start:start + len(idx)] = idx  # on the device: no host sync per chunk
         objective += dists.to(device).sum(dtype=torch.float64)
-        counts += torch.bincount(idx, minlength=k).double()
+        counts.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64, device=device))  # bincount syncs on CUDA
         if with_sums:
             # float32 sums per chunk (bounded rows), float64 across chunks and ranks
             partial.zero_().index_add_(0, idx, chunk)
@@ -238,16 +253,20 @@ def _pass(x_local, assigner, k: int, device: torch.device, chunk_rows: int, with
 
 
 def _global_count(x_local, group) -> int:
-    return int(comm.all_reduce(torch.tensor([comm.num_rows(x_local)], dtype=torch.int64), group).item())
+    return int(comm.all_reduce(torch.tensor([num_rows(x_local)], dtype=torch.int64), group).item())
 
 
-def kmeans(x_local, k: int, niter: int, seed: int, backend: str = "auto", group=None,
+def kmeans(x_local, k: int, niter: int, seed: int, device: torch.device, backend: str = "auto", group=None,
            init_samples_per_rank: int = 10000, log: Optional[Callable[..., None]] = None,
-           init_centroids: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None) -> KMeansResult:
-    """Collective over `group`. x_local: [n_local, d] tensor/ndarray/memmap (n_local may be 0).
+           init_centroids: Optional[torch.Tensor] = None, chunk_rows: Optional[int] = None,
+           poll=NO_POLL) -> KMeansResult:
+    """Collective over `group`. x_local: [n_local, d] tensor/ndarray/memmap (n_local may be 0),
+    anywhere; the E-step and M-step run on `device`.
 
     `log(iteration=, objective=, seconds=)` is called after every iteration on every rank, with the
     global mean squared distance. `init_centroids` (identical on all ranks) replaces the seeded init.
+    `poll` (preemption.UnevenLoopPoll over the world) is asked after every iteration: its flag rides
+    on the M-step all_reduce when `group` is the world, else poll.now() polls; the caller finishes it.
     """
     if x_local.ndim != 2:
         raise ValueError(f"kmeans expects [n, d] rows, got shape {tuple(x_local.shape)}")
@@ -257,14 +276,13 @@ def kmeans(x_local, k: int, niter: int, seed: int, backend: str = "auto", group=
     if k > n_total:
         raise ValueError(f"k-means with k={k} clusters needs at least k points, got n={n_total} over all ranks")
     d = int(x_local.shape[1])
-    device = comm.data_device(x_local)
     chunk_rows = chunk_rows or max(1, DATA_CHUNK_ELEMENTS // max(1, d))
     if init_centroids is not None:
         if tuple(init_centroids.shape) != (k, d):
             raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}, expected {(k, d)}")
         centroids = init_centroids.to(device=device, dtype=torch.float32).clone()
     else:
-        centroids = initial_centroids(x_local, k, seed, init_samples_per_rank, group, device)
+        centroids = initial_centroids(x_local, k, seed, init_samples_per_rank, device, group)
     init = centroids.cpu().clone()
     assigner = make_assigner(resolve_backend(backend, device), d, device)
 
@@ -273,7 +291,12 @@ def kmeans(x_local, k: int, niter: int, seed: int, backend: str = "auto", group=
         start = time.perf_counter()
         assigner.set_centroids(centroids)
         _, buf = _pass(x_local, assigner, k, device, chunk_rows, with_sums=True)
-        buf = comm.all_reduce(buf, group)
+        buf = comm.all_reduce(torch.cat([buf, buf.new_tensor([poll.vote()])]) if group is None else buf, group)
+        if group is None:
+            poll.decide(float(buf[-1]))
+            buf = buf[:-1]
+        else:
+            poll.now()
         sums, counts, obj = buf[: k * d].view(k, d), buf[k * d: k * d + k], float(buf[-1].item())
         nonempty = counts > 0
         centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).float()
@@ -294,7 +317,7 @@ def kmeans(x_local, k: int, niter: int, seed: int, backend: str = "auto", group=
     assigner.set_centroids(centroids)
     labels, buf = _pass(x_local, assigner, k, device, chunk_rows, with_sums=False)
     buf = comm.all_reduce(buf, group).cpu()
-    return KMeansResult(centroids=centroids.cpu(), assign_local=labels, objective=objective,
+    return KMeansResult(centroids=centroids.cpu(), assign_local=labels.cpu(), objective=objective,
                         final_objective=float(buf[-1].item()), sizes=buf[:k].round().long(),
                         empty_resplit=empty_resplit, n_total=n_total, init_centroids=init,
                         iteration_seconds=seconds)

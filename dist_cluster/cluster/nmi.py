@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import comm
+from .. import comm
 
 
 def _entropy(counts: np.ndarray, total: float) -> float:
@@ -53,7 +53,7 @@ def distributed_nmi(labels_a, labels_b, seed: int = 0, exact_max: int = 1_000_00
         raise ValueError("NMI labels must be >= 0")
     header = torch.tensor([len(a), a.max(initial=-1) + 1, b.max(initial=-1) + 1], dtype=torch.int64)
     n_total = int(comm.all_reduce(header[:1].clone(), group).item())
-    sizes = comm.all_reduce(header[1:].clone(), group, op=torch.distributed.ReduceOp.MAX).tolist()
+    sizes = comm.all_reduce(header[1:].clone(), group, op=comm.MAX).tolist()
     sampled = n_total > exact_max
     if sampled:
         keep = np.random.default_rng([seed, 17, comm.group_rank(group)]).random(len(a)) < sample / n_total

@@ -1,13 +1,14 @@
 """PCA-whitening fitted over all ranks without gathering features anywhere.
 
-    pca = fit_pca(features_local, dim=256, eps=1e-5)   # collective: every rank calls it
-    x = pca.apply(features_local)                      # [n_local, 256] float32, rows L2-normalised
+    pca = fit_pca(features_local, dim=256, eps=1e-5, device=dev)   # collective: every rank calls it
+    x = pca.apply(features_local, device=dev)          # [n_local, 256] float32, rows L2-normalised
 
 Each rank accumulates (sum of rows, sum of outer products, count) in float64; one all_reduce of
 D*D + D + 1 numbers gives the global covariance (the original code gathered every feature on
 rank 0 instead). The eigendecomposition runs once, on the group's first rank, and the resulting
 mean and projection are broadcast, so every rank holds bit-identical matrices whatever its LAPACK
-threading does.
+threading does. Features may live anywhere (RAM, a local memmap, the GPU): chunks stream to the
+`device` the caller names, never one inferred from where the data happens to be.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import comm
+from .. import comm
+from ..preemption import NO_POLL
+from .rows import num_rows, row_chunks
 
 CHUNK_ELEMENTS = 2**24  # rows per chunk = this / D: bounds the float64 copy of a chunk (128 MiB)
 
@@ -42,23 +45,24 @@ class PCAWhitening:
     def dim(self) -> int:
         return int(self.projection.shape[1])
 
-    def apply(self, x, out=None, chunk_rows: Optional[int] = None, device: Optional[torch.device] = None):
-        """Whitened, L2-normalised float32 rows of x (tensor, ndarray or memmap), chunk by chunk.
+    def apply(self, x, device: torch.device, out=None, chunk_rows: Optional[int] = None, poll=NO_POLL):
+        """Whitened, L2-normalised float32 rows of x (tensor, ndarray or memmap), computed on `device`
+        chunk by chunk.
 
         Returns `out` when given (an ndarray/memmap or tensor [n, dim] to fill, e.g. a memmap on local
-        disk when the result does not fit in RAM); else a new tensor on `device` (default: x's).
+        disk when the result does not fit in RAM); else a new tensor on `device`. `poll`
+        (preemption.UnevenLoopPoll) is stepped per chunk and finished at the end: collective.
         """
-        n = comm.num_rows(x)
+        n = num_rows(x)
         if x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"PCA was fitted on {self.mean.shape[0]}-dim features, got {x.shape[1]}")
-        device = device or comm.data_device(x)
         if out is None:
             out = torch.empty(n, self.dim, dtype=torch.float32, device=device)
         elif tuple(out.shape) != (n, self.dim):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, self.dim)}")
         mean = self.mean.to(device=device, dtype=torch.float32)
         proj = self.projection.to(device=device, dtype=torch.float32)
-        for start, chunk in comm.row_chunks(x, _chunk_rows(x.shape[1], chunk_rows), device):
+        for start, chunk in row_chunks(x, _chunk_rows(x.shape[1], chunk_rows), device):
             y = (chunk - mean) @ proj
             # a zero row (all features equal to the mean) stays zero instead of becoming NaN
             y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -66,6 +70,8 @@ class PCAWhitening:
                 out[start:start + len(y)] = y.cpu().numpy()
             else:
                 out[start:start + len(y)] = y.to(out.device)
+            poll.step()
+        poll.finish()
         return out
 
     def state_dict(self) -> dict:
@@ -73,16 +79,18 @@ class PCAWhitening:
                 "eigenvalues": self.eigenvalues.numpy()}
 
 
-def _moments(x_local, chunk_rows: Optional[int], device: torch.device) -> torch.Tensor:
+def _moments(x_local, chunk_rows: Optional[int], device: torch.device, poll) -> torch.Tensor:
     """This rank's [D*D + D + 1] float64 buffer: sum of x x^T, sum of x, row count."""
     d = int(x_local.shape[1])
     outer = torch.zeros(d, d, dtype=torch.float64, device=device)
     total = torch.zeros(d, dtype=torch.float64, device=device)
-    for _, chunk in comm.row_chunks(x_local, _chunk_rows(d, chunk_rows), device):
+    for _, chunk in row_chunks(x_local, _chunk_rows(d, chunk_rows), device):
         c64 = chunk.double()
         outer.addmm_(c64.T, c64)
         total += c64.sum(0)
-    count = torch.tensor([float(comm.num_rows(x_local))], dtype=torch.float64, device=device)
+        poll.step()
+    poll.finish()  # every rank leaves its (uneven) loop before the all_reduce below
+    count = torch.tensor([float(num_rows(x_local))], dtype=torch.float64, device=device)
     return torch.cat([outer.flatten(), total, count])
 
 
@@ -94,20 +102,20 @@ def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
-def fit_pca(x_local, dim: int, eps: float = 1e-5, group=None, chunk_rows: Optional[int] = None,
-            device: Optional[torch.device] = None) -> PCAWhitening:
-    """Collective over `group`: global mean and covariance, top-`dim` whitening.
+def fit_pca(x_local, dim: int, eps: float, device: torch.device, group=None, chunk_rows: Optional[int] = None,
+            poll=NO_POLL) -> PCAWhitening:
+    """Collective over `group`: global mean and covariance, top-`dim` whitening, moments on `device`.
 
     Eigenvalues below `eps` * (largest eigenvalue) are raised to that floor, so near-degenerate
     directions are not blown up into noise. A rank with 0 rows passes an empty [0, D] array.
+    `poll` (preemption.UnevenLoopPoll over the world) is stepped per chunk of the moments.
     """
     if x_local.ndim != 2:
         raise ValueError(f"fit_pca expects [n, D] features, got shape {tuple(x_local.shape)}")
     d = int(x_local.shape[1])
     if not 1 <= dim <= d:
         raise ValueError(f"PCA dim={dim} must be in [1, D={d}] (the feature dimension)")
-    device = device or comm.data_device(x_local)
-    buf = comm.all_reduce(_moments(x_local, chunk_rows, device), group).cpu()
+    buf = comm.all_reduce(_moments(x_local, chunk_rows, device, poll), group).cpu()
     count = int(buf[-1].item())
     if count < 2:
         raise ValueError(f"PCA needs at least 2 rows over all ranks, got {count}")

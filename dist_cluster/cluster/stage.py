@@ -1,11 +1,13 @@
 """The clustering stage of a round: features -> PCA-whitening -> hierarchical k-means -> labels.
 
-    state = run_clustering(feats, keys, cfg.cluster, round_idx, run_dir, logger, seed, prev=prev_state)
+    state = run_clustering(feats, keys, cfg.cluster, round_idx, run_dir, logger, seed, device, prev=prev_state)
     state.keys, state.super, state.sub     # this rank's images only, in the order given
     state.sub_sizes, state.super_sizes     # global sizes ([k], [m]) for balancing
 
-Collective: every rank calls it with its own features. Nothing but k x d / D x D sized numbers and
-the routed rows of the level-2 step cross the network; labels stay on the rank that read the images.
+Collective: every rank calls it with its own features (in RAM or a local memmap) and the run's
+device, where PCA, k-means and the routed rows are computed. Nothing but k x d / D x D sized numbers
+and the routed rows of the level-2 step cross the network; labels stay on the rank that read the
+images. A preemption signal is polled for throughout (`poll`), see preemption.py.
 
 Writes RUN/clusters/round_<r>/ for resume and analysis (never read by other ranks during a run):
   centroids_super.npy        [m, d] (rank 0)      pca.npz  mean/projection/eigenvalues (rank 0)
@@ -24,11 +26,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .. import distributed
+from .. import comm
 from ..logger import Timer
-from . import comm
+from ..preemption import NO_POLL
 from .hierarchy import HierResult, hierarchical_kmeans
 from .nmi import distributed_nmi
 from .pca import fit_pca
@@ -50,15 +51,9 @@ def round_dir(run_dir, round_idx: int) -> Path:
     return Path(run_dir) / "clusters" / f"round_{round_idx}"
 
 
-def _compute_device() -> torch.device:
-    try:
-        return distributed.env().device
-    except RuntimeError:  # no distributed.init(): a single CPU process (tools, notebooks)
-        return torch.device("cpu")
-
-
 def _whitened_buffer(n: int, dim: int, device: torch.device, cfg, round_idx: int):
-    """Where the whitened features live: GPU or RAM when they fit in memmap_gb, else a local memmap."""
+    """Where the whitened features live: on `device` (the GPU, or RAM on CPU runs) when they fit in
+    memmap_gb, else a local memmap that the k-means streams to the device chunk by chunk."""
     if n * dim * 4 <= cfg.memmap_gb * 2**30:
         return torch.empty(n, dim, dtype=torch.float32, device=device), None
     path = Path(cfg.memmap_dir) / f"dist_cluster_white.round{round_idx}.rank{comm.group_rank()}.{os.getpid()}.f32"
@@ -71,20 +66,19 @@ def _as_str_keys(keys) -> np.ndarray:
 
 
 def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_dir, logger, seed: int,
-                   prev: Optional[ClusterState] = None) -> ClusterState:
+                   device: torch.device, prev: Optional[ClusterState] = None, poll=NO_POLL) -> ClusterState:
     """PCA -> level 1 -> route -> level 2 -> return, metrics events, round files. Collective."""
     c = cfg_cluster
     keys = _as_str_keys(keys_local)
     if features_local.ndim != 2 or len(keys) != features_local.shape[0]:
         raise ValueError(f"{len(keys)} keys for features of shape {tuple(features_local.shape)}: "
                          "need one key per feature row")
-    device = _compute_device()
     with Timer() as total:
         if c.k == 1:  # RotNet: one cluster, nothing to fit
-            res = hierarchical_kmeans(torch.zeros(len(keys), 1), 1, 1, 0, seed)
+            res = hierarchical_kmeans(torch.zeros(len(keys), 1), 1, 1, 0, seed, device)
             pca = None
         else:
-            pca, res = _pca_and_kmeans(features_local, c, round_idx, logger, seed, device)
+            pca, res = _pca_and_kmeans(features_local, c, round_idx, logger, seed, device, poll)
     state = ClusterState(keys=keys, super=res.super_local.numpy(), sub=res.sub_local.numpy(),
                          sub_sizes=res.sub_sizes.numpy(), super_sizes=res.super_sizes.numpy(),
                          round_idx=round_idx, k=c.k, m=c.m)
@@ -94,11 +88,11 @@ def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_
     return state
 
 
-def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device: torch.device):
+def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device: torch.device, poll):
     with Timer() as timer:
-        pca = fit_pca(features_local, c.pca_dim, c.pca_eps, device=device)
+        pca = fit_pca(features_local, c.pca_dim, c.pca_eps, device, poll=poll)
         buf, memmap_path = _whitened_buffer(features_local.shape[0], c.pca_dim, device, c, round_idx)
-        x = pca.apply(features_local, out=buf, device=device)
+        x = pca.apply(features_local, device, out=buf, poll=poll)
     logger.event("pca", round=round_idx, seconds=timer.seconds, n=pca.count, dim=pca.dim,
                  explained_variance=pca.explained_variance, floored=pca.n_floored,
                  memmap=str(memmap_path or ""))
@@ -107,8 +101,8 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
         logger.event("kmeans", round=round_idx, level=level, super=super, iteration=iteration,
                      objective=objective, seconds=seconds)
     try:
-        res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, c.backend, log=log_iteration,
-                                  init_samples_per_rank=c.init_samples_per_rank)
+        res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, device, c.backend, log=log_iteration,
+                                  init_samples_per_rank=c.init_samples_per_rank, poll=poll)
     finally:
         del x, buf
         if memmap_path is not None:
@@ -119,7 +113,7 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
 def _nmi_with_prev(state: ClusterState, prev: Optional[ClusterState], c, seed: int) -> dict:
     """NMI between the previous and this round's sub-clusters, over images present in both."""
     have_prev = torch.tensor([0 if prev is None else 1], dtype=torch.int64)
-    if comm.all_reduce(have_prev, op=dist.ReduceOp.MIN).item() == 0:
+    if comm.all_reduce(have_prev, op=comm.MIN).item() == 0:
         return {"nmi_prev": None}  # first round (or a rank without history): skipped everywhere
     _, i_prev, i_new = np.intersect1d(prev.keys, state.keys, return_indices=True)
     unmatched = torch.tensor([len(state.keys) - len(i_new)], dtype=torch.int64)
@@ -138,7 +132,7 @@ def _log_summary(logger, res: HierResult, state: ClusterState, nmi: dict, round_
     names = ["level1", "route", "level2", "return"]
     # the slowest rank sets the stage time, so report the max over ranks
     walls = comm.all_reduce(torch.tensor([res.seconds[n] for n in names] + [seconds], dtype=torch.float64),
-                            op=dist.ReduceOp.MAX).tolist()
+                            op=comm.MAX).tolist()
     n = int(state.super_sizes.sum())
     logger.event("kmeans", round=round_idx, summary=True, k=state.k, m=state.m, n=n,
                  world=comm.group_size(), **{f"seconds_{name}": v for name, v in zip(names + ["total"], walls)},

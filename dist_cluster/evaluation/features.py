@@ -22,12 +22,11 @@ from typing import Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ..cluster import comm
+from .. import comm
 from ..data import ShardLoader
 from ..logger import progress
 from ..manifest import load_manifest
@@ -196,10 +195,7 @@ def gather_rows(x: np.ndarray, dst: int = 0, chunk_bytes: int = 256 << 20) -> Op
     world, me = comm.group_size(), comm.group_rank()
     if world == 1:
         return x
-    dev = comm.comm_device()
-    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([len(x)], dtype=torch.int64, device=dev))
-    counts = [int(c.item()) for c in counts]
+    counts = comm.all_gather_rows_count(len(x))
     row_bytes = max(1, int(np.prod(x.shape[1:])) * x.itemsize)
     step = max(1, chunk_bytes // row_bytes)
     out = np.empty((sum(counts),) + x.shape[1:], x.dtype) if me == dst else None
@@ -208,9 +204,7 @@ def gather_rows(x: np.ndarray, dst: int = 0, chunk_bytes: int = 256 << 20) -> Op
         piece = np.zeros((step,) + x.shape[1:], x.dtype)
         mine = x[start:start + step]
         piece[:len(mine)] = mine
-        send = torch.from_numpy(piece).to(dev)
-        bufs = [torch.empty_like(send) for _ in range(world)] if me == dst else None
-        dist.gather(send, bufs, dst=dst)
+        bufs = comm.gather(torch.from_numpy(piece), dst)
         if me == dst:
             for r, buf in enumerate(bufs):
                 take = max(0, min(step, counts[r] - start))
@@ -223,8 +217,7 @@ def _agreed_blocks(blocks: dict) -> dict:
     none, and would otherwise skip collectives the others enter."""
     if comm.group_size() == 1:
         return blocks
-    dims = [None] * comm.group_size()
-    dist.all_gather_object(dims, {name: x.shape[1] for name, x in blocks.items()})
+    dims = comm.all_gather_object({name: x.shape[1] for name, x in blocks.items()})
     union = {name: dim for d in dims for name, dim in d.items()}
     return {name: blocks.get(name, np.zeros((0, dim), np.float32)) for name, dim in union.items()}
 
@@ -235,8 +228,7 @@ def gather_split(split: Split, dst: int = 0) -> Optional[Split]:
     labels = gather_rows(split.labels, dst)
     blocks = {name: gather_rows(x, dst) for name, x in sorted(_agreed_blocks(split.blocks).items())}
     if comm.group_size() > 1:
-        gathered = [None] * comm.group_size() if comm.group_rank() == dst else None
-        dist.gather_object(split.keys.tolist(), gathered, dst=dst)
+        gathered = comm.gather_object(split.keys.tolist(), dst)
         keys = np.asarray([k for part in gathered for k in part] if gathered else [], dtype=str)
     else:
         keys = split.keys
