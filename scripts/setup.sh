@@ -12,7 +12,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 >&2
-  "$VENV/bin/pip" install -q -e '.[dev]' >&2
+  # the cpu extra brings faiss-cpu; never add [gpu] here (both install the `faiss` module)
+  "$VENV/bin/pip" install -q -e '.[dev,cpu]' >&2
   touch "$STAMP"
 else
   # a fresh clone at another path: re-point the editable install (cheap, no downloads)
