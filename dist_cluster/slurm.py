@@ -87,9 +87,10 @@ class Trainer(ResumableJob):
 
     def __call__(self, extra: Sequence[str] = ()) -> str:
         export_dist_env()
-        from dist_cluster.config import load_config
+        from dist_cluster.config import load_config, validate_against_data
         from dist_cluster.rounds import train
         cfg = load_config(self.config, [*self.overrides, *extra])
+        validate_against_data(cfg)  # like launch/train.py: a bad data.train fails before any collective
         train(cfg, on_preempted=_requeue_on_task_zero)
         return str(cfg.run_dir)
 
