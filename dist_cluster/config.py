@@ -28,6 +28,9 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples held for streaming shuffle, per worker
     min_scale: float = 0.5  # RandomResizedCrop lower scale bound (training)
     max_samples: int = 0  # >0: each rank uses only this many of its samples (smoke runs), a fixed subset
+    # a shard with fewer samples than its manifest count (cut tar, over-counting manifest) fails the
+    # epoch, naming it; True: read what is there, count the shortfall (truncated_shards, lost_truncated)
+    allow_short_shards: bool = False
 
 
 @dataclass
@@ -196,11 +199,13 @@ def feature_dim(cfg_model: DictConfig, image_size: int) -> int:
 
 
 def validate_against_data(cfg: DictConfig) -> None:
-    """Checks that need data.train's manifest, run before any work (launch/train.py, slurm.Trainer);
-    load_config itself never reads the data, so that configs load where the data is not mounted."""
+    """Checks that need data.train (its manifest, its shards on disk), run before any work
+    (launch/train.py, slurm.Trainer); load_config itself never reads the data, so that configs load
+    where the data is not mounted."""
     from .manifest import load_manifest
     try:
         manifest = load_manifest(cfg.data.train)
+        manifest.check_files(cfg.data.train)  # a missing shard stops the run now, not mid-epoch
     except (OSError, ValueError) as err:
         raise ConfigError(f"config key 'data.train': {err}") from None
     if cfg.mode == "supervised":
