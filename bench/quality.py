@@ -6,7 +6,8 @@ on Fashion-MNIST, same backbone and same compute budget, labels unused except by
 
 Each method is `torchrun ... launch/train.py --config configs/fmnist.yaml mode=<m> train.epochs=E`
 followed by `launch/eval.py` (linear probe, weighted kNN k=20 T=0.07, k-means k=10 NMI); random init
-is the same trunk trained for 0 epochs. Raw pixels: the same probe and k-means on the 784 pixels.
+is the trunk every run starts from, exported untrained (`launch/train.py --export-init`). Raw
+pixels: the same probe and k-means on the 784 pixels.
 Prints a table, writes bench/results/quality.json (with commands and wall times) and keeps each run
 under bench/runs/<method>/.
 """
@@ -39,16 +40,23 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def train_command(method: str, args) -> list[str]:
+    """The command that leaves RUN/export (random) or RUN/checkpoints (the others) for launch/eval.py."""
+    run_dir = Path(args.runs) / method
+    common = [f"run_dir={run_dir}", f"data.train={args.train}", f"data.test={args.test}", *args.overrides]
+    if method == "random":  # the initial trunk of a deepercluster run, exported without training
+        return [sys.executable, "launch/train.py", "--config", args.config, "--export-init",
+                "mode=deepercluster", *common]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "launch/train.py",
+            "--config", args.config, f"mode={method}", f"train.epochs={args.epochs}", *common]
+
+
 def train_and_eval(method: str, args) -> dict:
     run_dir = Path(args.runs) / method
     log = Path(args.runs) / f"{method}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    mode = "deepercluster" if method == "random" else method
-    epochs = 0 if method == "random" else args.epochs
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    train_cmd = [torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "launch/train.py",
-                 "--config", args.config, f"mode={mode}", f"train.epochs={epochs}", f"run_dir={run_dir}",
-                 f"data.train={args.train}", f"data.test={args.test}", *args.overrides]
+    train_cmd = train_command(method, args)
     eval_cmd = [sys.executable, "launch/eval.py", "--run", str(run_dir), "--train", args.train,
                 "--test", args.test, "--max-train", str(args.max_train), "--layer-dims", str(args.layer_dims),
                 "--no-report"]

@@ -28,6 +28,9 @@ class DataConfig:
     shuffle_buffer: int = 2000  # samples held for streaming shuffle, per worker
     min_scale: float = 0.5  # RandomResizedCrop lower scale bound (training)
     max_samples: int = 0  # >0: each rank uses only this many of its samples (smoke runs), a fixed subset
+    # a shard with fewer samples than its manifest count (cut tar, over-counting manifest) fails the
+    # epoch, naming it; True: read what is there, count the shortfall (truncated_shards, lost_truncated)
+    allow_short_shards: bool = False
 
 
 @dataclass
@@ -154,6 +157,66 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "auto | gloo | nccl")
     _check(cfg.model.arch in ("smallvgg", "vgg16_bn", "resnet50"), "model.arch", "smallvgg | vgg16_bn | resnet50")
     _check(cfg.model.pool_size >= 1, "model.pool_size", "must be >= 1")
+    _validate_ranges(cfg)
+
+
+def _validate_ranges(cfg: DictConfig) -> None:
+    """Values that pass the types but fail later: a ZeroDivisionError at the first log, an untrained
+    backbone exported with rc 0, a PCA or k-means refused after the whole extraction."""
+    t, d, c = cfg.train, cfg.data, cfg.cluster
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs} (a random-init backbone: "
+                                           f"launch/train.py --export-init)")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", f"must be >= 1, got {t.log_every_steps}")
+    _check(t.ckpt_every_steps >= 0, "train.ckpt_every_steps",
+           f"must be >= 0 (0: epoch ends only), got {t.ckpt_every_steps}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(t.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {t.warmup_epochs}")
+    _check(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {cfg.dist.timeout_s}")
+    _check(c.niter >= 1, "cluster.niter", f"must be >= 1, got {c.niter}")
+    _check(c.memmap_gb >= 0, "cluster.memmap_gb", f"must be >= 0 (0: always a memmap), got {c.memmap_gb}")
+    _check(d.max_samples >= 0, "data.max_samples", f"must be >= 0 (0: all), got {d.max_samples}")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0 (0 or 1: no buffer), got {d.shuffle_buffer}")
+    _check(0 < d.min_scale <= 1, "data.min_scale", f"must be in (0, 1], got {d.min_scale}")
+    _check(cfg.model.feature_dim >= 1, "model.feature_dim", f"must be >= 1, got {cfg.model.feature_dim}")
+    if clusters_needed(cfg):
+        dim = feature_dim(cfg.model, d.image_size)
+        _check(c.pca_dim <= dim, "cluster.pca_dim",
+               f"{c.pca_dim} is larger than the {dim}-d features of model.arch={cfg.model.arch}")
+
+
+def clusters_needed(cfg: DictConfig) -> bool:
+    """RotNet (k = 1) and supervised runs never extract or cluster (like rounds.Run.clusters_needed)."""
+    return cfg.cluster.k > 1 and cfg.mode != "supervised"
+
+
+def feature_dim(cfg_model: DictConfig, image_size: int) -> int:
+    """Width of the trunk's features: model.feature_dim for smallvgg, fixed by the other archs."""
+    from .plan_costs import arch_cost  # no torch: the planner's own description of the trunks
+    return arch_cost(cfg_model.arch, image_size, bool(cfg_model.sobel), int(cfg_model.feature_dim),
+                     int(cfg_model.pool_size)).feature_dim
+
+
+def validate_against_data(cfg: DictConfig) -> None:
+    """Checks that need data.train (its manifest, its shards on disk), run before any work
+    (launch/train.py, slurm.Trainer); load_config itself never reads the data, so that configs load
+    where the data is not mounted."""
+    from .manifest import load_manifest
+    try:
+        manifest = load_manifest(cfg.data.train)
+        manifest.check_files(cfg.data.train)  # a missing shard stops the run now, not mid-epoch
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key 'data.train': {err}") from None
+    if cfg.mode == "supervised":
+        _check(manifest.has_labels, "mode", f"supervised needs labelled shards; {cfg.data.train} has none")
+    if clusters_needed(cfg):
+        # the manifest count is an upper bound: with data.max_samples > 0 only world x max_samples
+        # images are used, and the world size is not known here
+        capped = f" (data.max_samples={cfg.data.max_samples}: at most world size x that many are used)" \
+            if cfg.data.max_samples > 0 else ""
+        _check(cfg.cluster.k <= manifest.num_samples, "cluster.k",
+               f"k={cfg.cluster.k} clusters for the {manifest.num_samples} images of {cfg.data.train}{capped}")
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:

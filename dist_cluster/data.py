@@ -154,7 +154,10 @@ class ShardLoader:
     """One epoch of one rank's shards; iterate for (images, keys, labels). See the module docstring.
 
     equal_steps=True (training): exactly steps_per_epoch(...) full batches on every rank (short
-    workers re-read their shards, counted in stats['refilled']). equal_steps=False (extraction): every
+    workers re-read their shards, counted in stats['refilled']).
+    A listed shard missing on disk fails here; one with fewer samples than its manifest count fails
+    the epoch when it is read (data_worker.ShortShardError, naming it), unless allow_short_shards
+    (data.allow_short_shards): then the shortfall is counted (truncated_shards, lost_truncated). equal_steps=False (extraction): every
     sample of the rank once, deterministic order, each worker's last batch may be partial.
     skip_batches=n: the first n batches are skipped before decoding; the rest are those of an
     uninterrupted epoch (exactly, unless the skipped part holds an image with a valid header and a
@@ -166,11 +169,13 @@ class ShardLoader:
                  transform: Optional[Callable] = None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                  equal_steps: bool = True, skip_batches: int = 0, shuffle_buffer: int = 1000,
                  max_samples: int = 0, pin_memory: bool = False, mp_context: Optional[str] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, allow_short_shards: bool = False):
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         self.manifest = load_manifest(shard_dir)
         self.plans = read_plan(self.manifest, rank, world, num_workers, max_samples)
+        # this rank's shards only: every rank stats its own, not all of them every epoch
+        self.manifest.check_files(shard_dir, [name for plan in self.plans for name, _ in plan])
         self.capacities = [sum(t for _, t in p) for p in self.plans]
         self.num_workers, self.pin_memory, self.transform = num_workers, pin_memory, transform
         self.mp_context = mp_context  # None: the platform default; "fork" starts workers fastest
@@ -182,7 +187,8 @@ class ShardLoader:
             self.worker_batches = [math.ceil(c / batch_size) for c in self.capacities]
         self.cfg = dict(root=str(shard_dir), rank=rank, world=world, batch_size=batch_size, seed=seed,
                         shuffle=shuffle, shuffle_buffer=shuffle_buffer, equal_steps=equal_steps,
-                        has_labels=self.manifest.has_labels, finish_in_worker=device is None)
+                        has_labels=self.manifest.has_labels, finish_in_worker=device is None,
+                        allow_short_shards=allow_short_shards)
         self._counters = torch.zeros(len(self.plans), len(STAT_KEYS), dtype=torch.int64).share_memory_()
         self.set_epoch(epoch, skip_batches)
 

@@ -3,8 +3,10 @@
     stream: shards (shuffled per epoch) -> raw samples -> shuffle buffer -> resume skip (raw bytes,
     nothing decoded) -> decode + per-sample transform -> batch [-> finish_batch]
 
-Corrupt samples and cut tars are counted, never raised; the counters live in a shared-memory
-tensor so the main process (ShardLoader.stats in dist_cluster/data.py) sees them:
+Corrupt samples are counted, never raised. A shard with fewer samples than its manifest count (a
+cut tar, or a manifest that over-counts: the reader cannot tell them apart) raises ShortShardError,
+or with data.allow_short_shards is counted too. The counters live in a shared-memory tensor so the
+main process (ShardLoader.stats in dist_cluster/data.py) sees them:
     samples           images delivered in batches        decoded          images decoded
     skipped_corrupt   no image / undecodable / bad .cls  truncated_shards tars that ended early
     lost_truncated    manifest count - samples read      refilled         samples from a second pass
@@ -41,13 +43,19 @@ def _split_name(name: str) -> tuple[Optional[str], str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def read_tar(path: str, take: int, stats: dict) -> Iterator[dict]:
+class ShortShardError(RuntimeError):
+    """A shard read to its end with fewer samples than the manifest lists. Raised inside a DataLoader
+    worker, it reaches the main process through the DataLoader with this message."""
+
+
+def read_tar(path: str, take: int, stats: dict, allow_short: bool = False) -> Iterator[dict]:
     """The first `take` complete samples of one tar, as {'__key__': key, ext: bytes}.
 
-    A tar that ends early (cut file, bad header, missing file) is survived: the samples before the cut
-    are yielded, the partial one at the cut is dropped, and `take - yielded` is counted as lost.
+    A tar that ends early (cut file, bad header, missing file) yields the samples before the cut (the
+    partial one at the cut is dropped), then raises ShortShardError; with allow_short, `take - yielded`
+    is counted as lost instead.
     """
-    yielded, pending, clean = 0, None, True
+    yielded, pending, error = 0, None, None
     try:
         with open(path, "rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
@@ -62,14 +70,27 @@ def read_tar(path: str, take: int, stats: dict) -> Iterator[dict]:
                 pending = pending or {"__key__": key}
                 pending[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
-        clean = False
-        warnings.warn(f"{path}: unreadable after {yielded} samples ({err!r}); rest of the shard skipped")
-    if pending is not None and clean and yielded < take:
+        error = err
+    if pending is not None and error is None and yielded < take:
         yield pending
         yielded += 1
     if yielded < take:  # tarfile ends silently at a cut between members: the manifest count tells
-        stats["truncated_shards"] += 1
-        stats["lost_truncated"] += take - yielded
+        _short_shard(path, take, yielded, error, stats, allow_short)
+
+
+def _short_shard(path: str, take: int, yielded: int, error: Optional[Exception], stats: dict,
+                 allow_short: bool) -> None:
+    what = f"{path}: {yielded} complete samples where the manifest promises {take}"
+    if error is not None:
+        what += f" (unreadable after them: {error!r})"
+    if not allow_short:
+        raise ShortShardError(f"{what}: a cut tar or a manifest that over-counts. Rebuild the shard "
+                              f"(shards/build.py), or set data.allow_short_shards=true to train on what "
+                              f"is there (counted as truncated_shards / lost_truncated)")
+    if error is not None:
+        warnings.warn(f"{what}; rest of the shard skipped")
+    stats["truncated_shards"] += 1
+    stats["lost_truncated"] += take - yielded
 
 
 def _seed64(*parts) -> int:
@@ -148,7 +169,8 @@ class WorkerReader:
         seeds = (c["seed"], c["epoch"], c["rank"], slot["worker"], pass_index)
         if c["shuffle"]:
             random.Random(_seed64("shards", *seeds)).shuffle(plan)
-        samples = (s for name, take in plan for s in read_tar(str(Path(c["root"]) / name), take, stats))
+        samples = (s for name, take in plan
+                   for s in read_tar(str(Path(c["root"]) / name), take, stats, c["allow_short_shards"]))
         if c["shuffle"] and c["shuffle_buffer"] > 1:
             buffer = c["shuffle_buffer"]
             samples = wds.shuffle(buffer, buffer, rng=random.Random(_seed64("buffer", *seeds)))(samples)

@@ -24,6 +24,10 @@ Preemption and time limits, as submitit 1.5.4 does them (read in its source):
 - The requeued job builds `Trainer(config, overrides)` afresh: the trainer itself resumes from
   RUN/checkpoints/last.pt, so nothing but the constructor arguments travels through the pickle.
 
+Script safety: every value that reaches the sbatch script is checked before it is written (see
+check_script_params): no control characters anywhere, #SBATCH values are plain SLURM names, the
+`--python` command is quoted word by word; `--setup` lines are the user's shell, kept as written.
+
 `LocalExecutor` (tests): tasks get SUBMITIT_LOCAL_* variables and the controller restarts them
 when a task exits with submitit's requeue code. Its `LocalJob._interrupt()` (no `timeout`
 argument in 1.5.4, unlike `SlurmJob._interrupt(timeout=...)`) signals the controller process,
@@ -34,6 +38,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
+import unicodedata
 import zlib
 from pathlib import Path
 from typing import Mapping, MutableMapping, Optional, Sequence
@@ -81,9 +87,10 @@ class Trainer(ResumableJob):
 
     def __call__(self, extra: Sequence[str] = ()) -> str:
         export_dist_env()
-        from dist_cluster.config import load_config
+        from dist_cluster.config import load_config, validate_against_data
         from dist_cluster.rounds import train
         cfg = load_config(self.config, [*self.overrides, *extra])
+        validate_against_data(cfg)  # like launch/train.py: a bad data.train fails before any collective
         train(cfg, on_preempted=_requeue_on_task_zero)
         return str(cfg.run_dir)
 
@@ -161,6 +168,7 @@ def slurm_parameters(nodes: int = 1, gpus_per_node: int = 0, tasks_per_node: Opt
         params["slurm_setup"] = list(setup)
     if srun_args:
         params["slurm_srun_args"] = list(srun_args)
+    check_script_params(params)
     return params
 
 
@@ -171,9 +179,11 @@ def make_executor(folder: str | Path, params: Mapping, cluster: str = "slurm",
     The cluster is never guessed: AutoExecutor's own guess falls back to running the job on this
     machine when `srun` is missing, which on a laptop would silently start the training.
     """
+    check_script_params(params)
     kwargs = {"slurm_max_num_timeout": max_num_timeout}
+    folder = check_folder(folder)
     if python:
-        kwargs["slurm_python"] = python
+        kwargs["slurm_python"] = python_command(python)
     try:
         executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, **kwargs)
     except RuntimeError as err:  # no srun: not on a SLURM login node
@@ -203,7 +213,8 @@ def render_sbatch(folder: str | Path, params: Mapping, array_size: Optional[int]
     names win, then asks submitit's own `_make_submission_file_text`. `array_size` renders the
     `--array` line a `map_array` of that many calls gets.
     """
-    executor = _ScriptOnlySlurmExecutor(str(folder), python=python)
+    check_script_params(params)
+    executor = _ScriptOnlySlurmExecutor(check_folder(folder), python=python_command(python) if python else None)
     generic = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     native = executor._convert_parameters(generic)
     native.update({k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
@@ -211,6 +222,84 @@ def render_sbatch(folder: str | Path, params: Mapping, array_size: Optional[int]
     if array_size:
         executor.parameters["map_count"] = int(array_size)
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+# ----------------------------------------------------------------------------- script safety
+#
+# What reaches the sbatch script submitit writes (slurm/slurm.py::_make_sbatch_string, 1.5.4):
+#   `#SBATCH --key=value` lines  every slurm_* parameter and the generic ones it translates (name ->
+#                                job-name, ...), plus --output/--error from the folder; values are
+#                                shlex-quoted, but a newline still ends the comment and starts a command
+#   setup lines                  written as they are, one script line each (--setup)
+#   the srun line                srun args (quoted by submitit), the folder (quoted), and `python`
+#                                (written as it is: we quote its words, python_command)
+# Nothing else of ours gets there: the config and the overrides travel in the job's pickle.
+
+# #SBATCH values must be plain SLURM names (letters, digits and these), so quoting never matters there
+_NAME_CHARS = "_.,:=/+@%-"
+# --constraint is a feature expression: `volta32gb&ib`, `[rack1|rack2]`, `gpu*2`, `!old`
+_EXTRA_CHARS = {"slurm_constraint": _NAME_CHARS + "&|()[]*!"}
+# the flag each parameter comes from, for the error message
+_FLAGS = {"name": "--job-name", "slurm_partition": "--partition", "slurm_constraint": "--constraint",
+          "slurm_account": "--account", "slurm_qos": "--qos", "slurm_setup": "--setup",
+          "slurm_srun_args": "--srun-arg"}
+# setup lines are shell by design (module load, source env); srun args are quoted by submitit: both
+# may hold any printable text, but a newline would add a script line nobody asked for
+_FREE_TEXT = {"slurm_setup", "slurm_srun_args"}
+
+
+def check_text(field: str, value: str) -> str:
+    """`value` unchanged, or ValueError naming `field` if it holds a control or line-break character."""
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: expected a string, got {type(value).__name__} {value!r}")
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ValueError(f"{field} {value!r}: control character {bad!r} not allowed (it would reach "
+                         f"the sbatch script, where a line break starts a new command)")
+    return value
+
+
+def _check_word(key: str, value) -> None:
+    field = _FLAGS.get(key, key)
+    check_text(field, value)
+    allowed = _EXTRA_CHARS.get(key, _NAME_CHARS)
+    if not re.fullmatch(f"[A-Za-z0-9{re.escape(allowed)}]+", value):
+        raise ValueError(f"{field} {value!r}: only letters, digits and {allowed} are allowed "
+                         f"(the value is written into an #SBATCH line)")
+
+
+def check_script_params(params: Mapping) -> None:
+    """ValueError naming the flag of any parameter that could add a command to the sbatch script.
+
+    Numbers pass; strings must be SLURM names (_NAME_CHARS; --constraint: _EXTRA_CHARS); setup lines
+    and srun args only must not hold control characters.
+    """
+    for key, value in params.items():
+        if isinstance(value, (int, float)):  # bool too: a bare `#SBATCH --flag`
+            continue
+        if key in _FREE_TEXT:
+            for item in value:
+                check_text(_FLAGS[key], item)
+        else:
+            _check_word(key, value)
+
+
+def check_folder(folder: str | Path) -> str:
+    """The log folder as a string: submitit quotes it, so only control characters are refused."""
+    return check_text("--folder", str(folder))
+
+
+def python_command(python: str) -> str:
+    """--python is a command (`singularity exec img.sif python`) that submitit writes unquoted:
+    split it into words and quote each, so `;`, `$(...)` or backticks stay literal arguments."""
+    check_text("--python", python)
+    try:
+        words = shlex.split(python)
+    except ValueError as err:
+        raise ValueError(f"--python {python!r}: {err}") from None
+    if not words:
+        raise ValueError("--python is empty")
+    return shlex.join(words)
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -42,10 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requeues after a time-out before giving up (preemptions do not count)")
     parser.add_argument("--job-name", default="dist_cluster")
     parser.add_argument("--folder", help="submitit logs and pickles (default RUN_DIR/submitit/%%j)")
-    parser.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
+    parser.add_argument("--setup", action="append", default=[],
+                        help="shell line run before srun, as written (repeatable; one line each)")
     parser.add_argument("--srun-arg", action="append", default=[],
                         help="extra srun argument, e.g. --srun-arg=--container-image=IMG (repeatable)")
-    parser.add_argument("--python", help="python command of the job (default: this interpreter)")
+    parser.add_argument("--python", help="python command of the job, words quoted one by one "
+                                          "(default: this interpreter)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="one array task per value (repeatable: cartesian product)")
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm",
@@ -69,7 +71,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)  # a bad key fails here, not in the queue
-        run_dir = Path(cfg.run_dir).absolute()
+        # run_dir becomes the log folder, which submitit writes into #SBATCH lines
+        run_dir = Path(slurm.check_text("run_dir", cfg.run_dir)).absolute()
+        folder = slurm.check_folder(args.folder or run_dir / "submitit" / "%j")
+        if args.python:
+            slurm.python_command(args.python)  # refused here rather than when the script is written
         points = slurm.sweep_points(args.sweep, str(run_dir)) if args.sweep else []
         for point in points:  # every array task's config must load, too
             load_config(args.config, [*args.overrides, *point])
@@ -84,7 +90,6 @@ def main(argv=None) -> int:
     # absolute paths: the job may start in another directory; run_dir pinned so a requeue finds it
     config = str(Path(args.config).absolute()) if args.config else None
     overrides = [o for o in args.overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
-    folder = args.folder or str(run_dir / "submitit" / "%j")
     trainer = slurm.Trainer(config, overrides)
 
     if args.dry_run:

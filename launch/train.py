@@ -3,11 +3,15 @@
     torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/fmnist.yaml run_dir=runs/fmnist
     torchrun --standalone --nproc_per_node 2 launch/train.py --config configs/smoke.yaml run_dir=RUN data.train=SHARDS
     srun python launch/train.py --config configs/yfcc_vgg16.yaml run_dir=/checkpoint/$USER/dc   # SLURM
+    python launch/train.py --config configs/fmnist.yaml --export-init run_dir=runs/random     # random init
 
-Any config key can be overridden as key=value (see dist_cluster/config.py); unknown keys fail before
-any work. Running the same command again resumes from RUN/checkpoints/last.pt.
+Any config key can be overridden as key=value (see dist_cluster/config.py); unknown keys, bad values
+and a data.train that cannot hold the run (missing shards, k above its image count) fail before any
+work. Running the same command again resumes from RUN/checkpoints/last.pt.
 On USR2 (SLURM's `--signal=USR2@<delay>`, sent to every rank) the ranks save the step they are in
 and exit with code 75; under SLURM use one task per GPU (`srun`), not torchrun, which USR2 kills.
+--export-init writes the untrained trunk (RUN/export/, RUN/config.yaml) and exits: the random-init
+baseline of bench/quality.py, evaluated like any run (launch/eval.py --run RUN).
 """
 import argparse
 import sys
@@ -15,18 +19,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_cluster.config import ConfigError, load_config  # noqa: E402
+from dist_cluster.config import ConfigError, load_config, validate_against_data  # noqa: E402
+
+
+def export_initial_backbone(cfg) -> Path:
+    """RUN/export/<arch>_backbone.pth of the trunk a run starts from, plus RUN/config.yaml (evaluation
+    reads the image size there). rounds.Run seeds torch with cfg.seed right before build_trunk, so
+    the same seed here gives the same weights; nothing is trained and no data is read."""
+    import torch
+
+    from dist_cluster.config import save_config
+    from dist_cluster.models import build_trunk
+    from dist_cluster.models.export import export_backbone
+    torch.manual_seed(cfg.seed)
+    trunk = build_trunk(cfg.model, cfg.data.image_size)
+    save_config(cfg, cfg.run_dir)
+    return export_backbone(trunk, cfg.model.arch, Path(cfg.run_dir) / "export")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file under configs/")
+    parser.add_argument("--export-init", action="store_true",
+                        help="export the untrained trunk to RUN/export/ and exit (random-init baseline)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.export_init:
+            validate_against_data(cfg)  # before torch.distributed: a bad run fails on every rank at once
     except ConfigError as err:
         parser.error(str(err))
+    if args.export_init:
+        print(f"exported the initial backbone to {export_initial_backbone(cfg)}")
+        return
     from dist_cluster.rounds import train  # after the config is known good: torch imports take seconds
     train(cfg)
 

@@ -76,7 +76,7 @@ def test_smallvgg_shapes_blocks_and_export(sobel, pool_size, tmp_path):
 
 
 def test_build_trunk_from_config_and_size_check():
-    cfg = load_config(None, ["model.feature_dim=16"])
+    cfg = load_config(None, ["model.feature_dim=16", "cluster.pca_dim=16"])  # pca_dim <= feature dim
     trunk = build_trunk(cfg.model, cfg.data.image_size)
     assert isinstance(trunk, SmallVGG) and trunk.feature_dim == 16 and trunk.sobel is not None
     with pytest.raises(ValueError, match="image_size >= 32"):

@@ -95,8 +95,8 @@ def synthetic_run(tmp_path_factory):
     train, test, run = base / "train", base / "test", base / "run"
     _build_shards("train", 200, train)
     _build_shards("test", 100, test)
-    cfg = load_config(None, ["model.feature_dim=32", "data.resize=28", f"cluster.k={K}", f"cluster.m={M}",
-                             f"data.train={train}", f"data.test={test}", f"run_dir={run}"])
+    cfg = load_config(None, ["model.feature_dim=32", "cluster.pca_dim=32", "data.resize=28", f"cluster.k={K}",
+                             f"cluster.m={M}", f"data.train={train}", f"data.test={test}", f"run_dir={run}"])
     save_config(cfg, run)
     torch.manual_seed(0)
     module = TrunkAndHead(build_trunk(cfg.model, cfg.data.image_size), 4 * M)

@@ -1,0 +1,123 @@
+"""Config values that cannot work fail in load_config / validate_against_data, before any work.
+
+    ~/.cache/dist_cluster/venv/bin/python -m pytest -q tests/test_config.py
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dist_cluster.config import ConfigError, load_config, validate_against_data
+from tests.shard_fixtures import make_shards
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "smoke.yaml")  # smallvgg, feature_dim 64, pca_dim 16, k 16
+
+
+def _key(key: str) -> str:
+    return re.escape(f"config key '{key}'")
+
+
+@pytest.mark.parametrize("override", [
+    "train.log_every_steps=0", "train.epochs=0", "train.epochs=-1", "train.ckpt_every_steps=-1", "train.lr=0",
+    "train.momentum=1.0", "train.momentum=-0.1", "train.weight_decay=-1e-5", "train.warmup_epochs=-1",
+    "dist.timeout_s=0", "dist.timeout_s=-10", "cluster.niter=0", "cluster.memmap_gb=-1", "data.max_samples=-1",
+    "data.shuffle_buffer=-1", "data.min_scale=0", "data.min_scale=1.5", "model.feature_dim=0"])
+def test_bad_values_name_their_key(override):
+    with pytest.raises(ConfigError, match=_key(override.split("=")[0])):
+        load_config(SMOKE, [override])
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(SMOKE, ["train.momentum=0", "train.weight_decay=0", "train.ckpt_every_steps=0",
+                              "cluster.memmap_gb=0", "data.max_samples=0", "data.shuffle_buffer=0",
+                              "data.min_scale=1", "train.log_every_steps=1", "train.epochs=1", "cluster.niter=1"])
+    assert cfg.train.epochs == 1
+
+
+@pytest.mark.parametrize("overrides, dim", [(["cluster.pca_dim=65"], 64),
+                                            (["model.arch=resnet50", "cluster.pca_dim=2049"], 2048),
+                                            (["model.arch=vgg16_bn", "cluster.pca_dim=4097"], 4096)])
+def test_pca_dim_above_the_feature_dim_fails_before_extraction(overrides, dim):
+    with pytest.raises(ConfigError, match=_key("cluster.pca_dim") + f".*{dim}-d features"):
+        load_config(SMOKE, overrides)
+    at_most = [*overrides[:-1], f"cluster.pca_dim={dim}"]
+    assert load_config(SMOKE, at_most).cluster.pca_dim == dim
+
+
+def test_pca_dim_is_not_checked_without_clustering():
+    """RotNet (k = 1) and supervised runs never run the PCA."""
+    assert load_config(SMOKE, ["mode=rotnet", "cluster.pca_dim=1000"]).cluster.k == 1
+    assert load_config(SMOKE, ["mode=supervised", "cluster.pca_dim=1000"]).mode == "supervised"
+
+
+# ---------------------------------------------------------------- against data.train
+
+
+@pytest.fixture(scope="module")
+def ten_images(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("ten"), 2, 5, size=8)
+
+
+def test_k_above_the_manifest_count_fails(ten_images):
+    cfg = load_config(SMOKE, [f"data.train={ten_images.root}", "cluster.k=16", "data.max_samples=0"])
+    with pytest.raises(ConfigError, match=_key("cluster.k") + ".*k=16 clusters for the 10 images"):
+        validate_against_data(cfg)
+    capped = load_config(SMOKE, [f"data.train={ten_images.root}", "cluster.k=16", "data.max_samples=4"])
+    with pytest.raises(ConfigError, match="at most world size x that many"):
+        validate_against_data(capped)
+    validate_against_data(load_config(SMOKE, [f"data.train={ten_images.root}", "cluster.k=10"]))
+    validate_against_data(load_config(SMOKE, [f"data.train={ten_images.root}", "mode=rotnet"]))
+
+
+def test_unreadable_data_train_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=_key("data.train") + ".*manifest.json not found"):
+        validate_against_data(load_config(SMOKE, [f"data.train={tmp_path}"]))
+
+
+def test_launch_train_fails_before_any_work(ten_images, tmp_path, monkeypatch, capsys):
+    from launch.train import main
+    import dist_cluster.rounds as rounds
+    monkeypatch.setattr(rounds, "train", lambda cfg: pytest.fail("training started"))
+    run_dir = tmp_path / "run"
+    for bad in ("cluster.k=16", "train.log_every_steps=0"):
+        with pytest.raises(SystemExit):
+            main(["--config", SMOKE, f"data.train={ten_images.root}", f"run_dir={run_dir}", bad])
+        assert bad.split("=")[0] in capsys.readouterr().err
+    assert not run_dir.exists() and not torch.distributed.is_initialized()
+
+
+# ---------------------------------------------------------------- the random-init baseline
+
+
+def test_export_init_writes_the_seeded_untrained_trunk(tmp_path):
+    from dist_cluster.evaluation.features import load_backbone
+    from dist_cluster.models import build_trunk
+    from launch.train import main
+    run_dir = tmp_path / "random"
+    main(["--config", SMOKE, "--export-init", f"run_dir={run_dir}", f"data.train={tmp_path / 'no-data'}"])
+    assert (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+    exported = load_backbone(run_dir).trunk.state_dict()
+    cfg = load_config(SMOKE)
+    torch.manual_seed(cfg.seed)  # what rounds.Run does right before build_trunk
+    reference = build_trunk(cfg.model, cfg.data.image_size).state_dict()
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+
+def test_quality_bench_random_row_uses_export_init(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    args = SimpleNamespace(runs=str(tmp_path), train="data/t", test="data/v", overrides=["seed=3"],
+                           config="configs/fmnist.yaml", nproc=2, epochs=2)
+    random_cmd = quality.train_command("random", args)
+    assert "--export-init" in random_cmd and not any(w.startswith("train.epochs") for w in random_cmd)
+    assert random_cmd[random_cmd.index("--export-init") + 1:] == [
+        "mode=deepercluster", f"run_dir={tmp_path / 'random'}", "data.train=data/t", "data.test=data/v", "seed=3"]
+    assert "train.epochs=2" in quality.train_command("rotnet", args)
