@@ -157,8 +157,8 @@ class ShardLoader:
     workers re-read their shards, counted in stats['refilled']).
     A listed shard missing on disk fails here; one with fewer samples than its manifest count fails
     the epoch when it is read (data_worker.ShortShardError, naming it), unless allow_short_shards
-    (data.allow_short_shards): then the shortfall is counted (truncated_shards, lost_truncated). equal_steps=False (extraction): every
-    sample of the rank once, deterministic order, each worker's last batch may be partial.
+    (data.allow_short_shards): then the shortfall is counted (truncated_shards, lost_truncated).
+    equal_steps=False (extraction): every sample of the rank once, deterministic order, each worker's last batch may be partial.
     skip_batches=n: the first n batches are skipped before decoding; the rest are those of an
     uninterrupted epoch (exactly, unless the skipped part holds an image with a valid header and a
     broken body: see looks_decodable).
@@ -247,7 +247,7 @@ def make_loader(cfg_data, shard_dir: str, rank: int, world: int, transform: Call
     return ShardLoader(shard_dir, rank, world, cfg_data.batch_size, cfg_data.num_workers, transform, seed, epoch,
                        shuffle=train, equal_steps=train, skip_batches=skip_batches,
                        shuffle_buffer=cfg_data.shuffle_buffer, max_samples=cfg_data.max_samples, pin_memory=cuda,
-                       device=device if cuda else None)
+                       device=device if cuda else None, allow_short_shards=cfg_data.allow_short_shards)
 
 
 def reduce_stats(stats: dict, group=None) -> dict:

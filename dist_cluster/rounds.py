@@ -29,11 +29,11 @@ from .extract import extract_features
 from .heads import RoutedHeads, TrunkAndSuperHead
 from .logger import MetricLogger, Timer
 from .manifest import load_manifest
-from .models import build_trunk
+from .models import initial_trunk
 from .models.export import export_backbone
 from .syncbn import convert_sync_batchnorm
 from .targets import LabelTable
-from .trainer import sgd, step_seed, train_epoch
+from .trainer import seed_this_rank, sgd, train_epoch
 from .transforms import extract_transform, train_transform
 
 
@@ -66,8 +66,8 @@ class Run:
         # k: clusters, or (supervised) the classes of the shards
         self.k = len(self.manifest.classes) if self.supervised else cfg.cluster.k
         self.sub_classes = self.k // cfg.cluster.m
-        torch.manual_seed(cfg.seed)  # identical trunk on every rank (DDP broadcasts it anyway)
-        module = TrunkAndSuperHead(build_trunk(cfg.model, data.image_size), self.num_super, seed=cfg.seed)
+        # identical trunk on every rank (DDP broadcasts it anyway)
+        module = TrunkAndSuperHead(initial_trunk(cfg.model, data.image_size, cfg.seed), self.num_super, seed=cfg.seed)
         self.module = convert_sync_batchnorm(module, self.device).to(self.device)
         if cfg.model.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -75,8 +75,7 @@ class Run:
         if cfg.model.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model)
         self.trunk_opt = sgd(self.module.trunk.parameters(), cfg.train)
-        # from here on every rank draws its own random numbers (dropout masks, CPU and CUDA alike)
-        torch.manual_seed(step_seed(cfg.seed, 0x5EED, self.env.rank))
+        seed_this_rank(cfg.seed, self.env.rank)
         self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
         self.heads = self.head_opt = None
         self._resumed = None  # (shared, per-rank) checkpoint contents after resume()

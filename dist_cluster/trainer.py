@@ -38,6 +38,12 @@ def step_seed(*parts: int) -> int:
     return value
 
 
+def seed_this_rank(seed: int, rank: int) -> None:
+    """After the (identical) model init: a random stream of this rank's own, CPU and CUDA alike, so
+    that dropout masks and other draws differ between ranks as they would on independent GPUs."""
+    torch.manual_seed(step_seed(seed, 0x5EED, rank))
+
+
 def lr_at(step: int, total_steps: int, cfg_train, steps_per_epoch: int) -> float:
     warmup = cfg_train.warmup_epochs * steps_per_epoch
     if step < warmup:

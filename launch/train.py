@@ -24,15 +24,12 @@ from dist_cluster.config import ConfigError, load_config, validate_against_data 
 
 def export_initial_backbone(cfg) -> Path:
     """RUN/export/<arch>_backbone.pth of the trunk a run starts from, plus RUN/config.yaml (evaluation
-    reads the image size there). rounds.Run seeds torch with cfg.seed right before build_trunk, so
-    the same seed here gives the same weights; nothing is trained and no data is read."""
-    import torch
-
+    reads the image size there): models.initial_trunk, as rounds.Run builds it; nothing is trained
+    and no data is read."""
     from dist_cluster.config import save_config
-    from dist_cluster.models import build_trunk
+    from dist_cluster.models import initial_trunk
     from dist_cluster.models.export import export_backbone
-    torch.manual_seed(cfg.seed)
-    trunk = build_trunk(cfg.model, cfg.data.image_size)
+    trunk = initial_trunk(cfg.model, cfg.data.image_size, cfg.seed)
     save_config(cfg, cfg.run_dir)
     return export_backbone(trunk, cfg.model.arch, Path(cfg.run_dir) / "export")
 

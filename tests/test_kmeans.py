@@ -194,3 +194,36 @@ def test_two_ranks_k_larger_than_n_is_a_clear_error_on_every_rank(two_rank_cases
     _, results = two_rank_cases
     for per_rank in results:
         assert "k=11" in per_rank["too_many"] and "n=10" in per_rank["too_many"]
+
+
+def test_faiss_gpu_index_frees_torch_cache_first_and_bounds_its_scratch(monkeypatch):
+    """faiss allocates with cudaMalloc, outside torch's caching allocator: torch must hand back its
+    cached blocks before the GPU index is built, and faiss's scratch space must be bounded (its
+    default reserves 18% of the card). Checked on CPU with a stand-in faiss that records the order."""
+    import importlib
+    import sys
+    import types
+
+    km = importlib.import_module("dist_cluster.cluster.kmeans")  # the module; the package exports the function
+    calls = []
+
+    class Resources:
+        def __init__(self):
+            calls.append("StandardGpuResources")
+
+        def setTempMemory(self, nbytes):
+            calls.append(("setTempMemory", nbytes))
+
+    fake = types.SimpleNamespace(
+        get_num_gpus=lambda: 1, StandardGpuResources=Resources,
+        GpuIndexFlatConfig=lambda: types.SimpleNamespace(device=0),
+        GpuIndexFlatL2=lambda res, d, config: calls.append("GpuIndexFlatL2"))
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    monkeypatch.setitem(sys.modules, "faiss.contrib", types.ModuleType("faiss.contrib"))
+    monkeypatch.setitem(sys.modules, "faiss.contrib.torch_utils", types.ModuleType("faiss.contrib.torch_utils"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    km.FaissAssigner(8, torch.device("cuda", 0))
+    assert calls == ["synchronize", "empty_cache", "StandardGpuResources",
+                     ("setTempMemory", km.FAISS_GPU_TEMP_BYTES), "GpuIndexFlatL2"]
+    assert km.FAISS_GPU_TEMP_BYTES <= 2 << 30

@@ -6,6 +6,7 @@ Every trunk maps [B, 3, H, W] normalised RGB to [B, trunk.feature_dim] penultima
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .smallvgg import SmallVGG
@@ -36,4 +37,11 @@ def build_trunk(cfg_model, image_size: int) -> nn.Module:
     return trunk
 
 
-__all__ = ["ARCHS", "build_trunk", "SmallVGG", "VGG16BN", "ResNet50", "Sobel"]
+def initial_trunk(cfg_model, image_size: int, seed: int) -> nn.Module:
+    """The trunk a run starts from: the same weights on every rank, in every run of `seed`
+    (rounds.Run, and `launch/train.py --export-init` for the random-init baseline)."""
+    torch.manual_seed(seed)
+    return build_trunk(cfg_model, image_size)
+
+
+__all__ = ["ARCHS", "build_trunk", "initial_trunk", "SmallVGG", "VGG16BN", "ResNet50", "Sobel"]
