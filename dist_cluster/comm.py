@@ -5,7 +5,9 @@ Why one module: gloo takes CPU tensors and NCCL takes CUDA tensors only. A CPU t
 CPU tensor handed to NCCL, so the rule is enforced by construction: every function here moves its
 input to the group's device (`comm_device`) and returns the result on the device the caller asked
 for (default: where the input was). Each also works without a process group (one process: tools,
-notebooks, bench/kmeans.py's faiss comparison), where it is the identity.
+notebooks, bench/kmeans.py's faiss comparison), where it is the identity. With a process group
+they always run the collective, world size 1 included: a one-GPU run goes through NCCL exactly as a
+64-GPU one does, which is what lets one lent GPU prove the NCCL path (tests/test_gpu.py).
 
     comm.all_reduce(t)                          # in place, sum; t may live anywhere
     recv, counts = comm.all_to_all_rows(rows, send_counts, group, out_device=cuda)
@@ -60,7 +62,7 @@ def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def all_reduce(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
     """In-place all_reduce (sum by default); returns `tensor`, on its own device, reduced."""
-    if group_size(group) == 1:
+    if not initialized():
         return tensor
     buf = _on(tensor, comm_device(group))
     dist.all_reduce(buf, op=op or SUM, group=group)
@@ -72,7 +74,7 @@ def all_reduce(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
 def all_reduce_async(tensor: torch.Tensor, group=None):
     """Start a sum all_reduce of a tensor already on the group's device; returns the work handle
     (None without peers). For overlapping gradient reductions with backward."""
-    if group_size(group) == 1:
+    if not initialized():
         return None
     if tensor.device != comm_device(group):
         raise ValueError(f"all_reduce_async needs the tensor on {comm_device(group)}, got {tensor.device}")
@@ -81,7 +83,7 @@ def all_reduce_async(tensor: torch.Tensor, group=None):
 
 def broadcast(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """In-place broadcast from the group's first member."""
-    if group_size(group) == 1:
+    if not initialized():
         return tensor
     buf = _on(tensor, comm_device(group))
     dist.broadcast(buf, src=group_src(group), group=group)
@@ -91,13 +93,13 @@ def broadcast(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def barrier(group=None) -> None:
-    if group_size(group) > 1:
+    if initialized():
         dist.barrier(group=group)
 
 
 def all_reduce_autograd(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Sum over ranks with a backward that sums the gradients too (SyncBN statistics on CPU)."""
-    if group_size(group) == 1:
+    if not initialized():
         return tensor
     device = tensor.device
     with warnings.catch_warnings():  # marked deprecated; its replacement has no gloo/CPU autograd
@@ -114,7 +116,7 @@ def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:
 
     Returns a tensor on the input's device; reading it on the host (.tolist()) is the one sync a
     variable-size all_to_all needs."""
-    if group_size(group) == 1:
+    if not initialized():
         return send_counts.clone()
     out = _on(send_counts.contiguous(), comm_device(group))
     recv = torch.empty_like(out)
@@ -127,7 +129,7 @@ def all_to_all_rows_known(rows: torch.Tensor, send_counts: Sequence[int], recv_c
     """Block j of `rows` (send_counts[j] rows) goes to rank j; returns the received blocks, in
     source-rank order, on `out_device` (default: the input's device)."""
     out_device = out_device or rows.device
-    if group_size(group) == 1:
+    if not initialized():
         return _on(rows, out_device)
     dev = comm_device(group)
     recv = torch.empty((sum(recv_counts),) + tuple(rows.shape[1:]), dtype=rows.dtype, device=dev)
@@ -149,7 +151,7 @@ def all_to_all_rows(rows: torch.Tensor, send_counts: Sequence[int], group=None,
 def all_to_all_autograd(rows: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int],
                         group=None) -> torch.Tensor:
     """all_to_all_rows_known whose backward sends the gradients back along the same splits."""
-    if group_size(group) == 1:
+    if not initialized():
         return rows
     device = rows.device
     dev = comm_device(group)
@@ -166,7 +168,7 @@ def all_to_all_autograd(rows: torch.Tensor, send_counts: Sequence[int], recv_cou
 
 def all_gather_rows_count(n: int, group=None) -> list[int]:
     """Every rank's `n`, in rank order."""
-    if group_size(group) == 1:
+    if not initialized():
         return [n]
     dev = comm_device(group)
     counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(group_size(group))]
@@ -176,7 +178,7 @@ def all_gather_rows_count(n: int, group=None) -> list[int]:
 
 def gather(tensor: torch.Tensor, dst: int = 0, group=None) -> Optional[list[torch.Tensor]]:
     """Equal-shape tensors of every rank on `dst` (CPU tensors, rank order); None elsewhere."""
-    if group_size(group) == 1:
+    if not initialized():
         return [tensor.cpu()]
     dev = comm_device(group)
     send = _on(tensor, dev).contiguous()
@@ -187,7 +189,7 @@ def gather(tensor: torch.Tensor, dst: int = 0, group=None) -> Optional[list[torc
 
 def all_gather_object(obj, group=None) -> list:
     """Small picklable objects (names, shapes) of every rank, in rank order."""
-    if group_size(group) == 1:
+    if not initialized():
         return [obj]
     out = [None] * group_size(group)
     dist.all_gather_object(out, obj, group=group)
@@ -195,7 +197,7 @@ def all_gather_object(obj, group=None) -> list:
 
 
 def gather_object(obj, dst: int = 0, group=None) -> Optional[list]:
-    if group_size(group) == 1:
+    if not initialized():
         return [obj]
     out = [None] * group_size(group) if group_rank(group) == dst else None
     dist.gather_object(obj, out, dst=dst, group=group)
