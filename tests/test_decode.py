@@ -97,7 +97,8 @@ def test_broken_jpeg_is_skipped_and_counted(tmp_path, workers):
     train = _loader(fx.root, "device", workers, True, batch=2)
     batches = _epoch(train)
     assert len(batches) == len(train)  # equal steps kept: a short batch, never a missing one
-    assert sum(len(k) for _, k, _ in batches) == train.stats["samples"] == 2 * len(batches) - train.stats["skipped_corrupt"]
+    delivered = sum(len(k) for _, k, _ in batches)
+    assert delivered == train.stats["samples"] == 2 * len(batches) - train.stats["skipped_corrupt"]
 
 
 def test_batch_without_a_decodable_jpeg(tmp_path):
