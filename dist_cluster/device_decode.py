@@ -11,11 +11,20 @@ Same samples, same augmentations as decode=cpu: the workers read, shuffle, skip 
 as in cpu mode (a JPEG whose header looks valid is batched without decoding), and each image is
 augmented with the seed the worker would have used (seeded_per_sample: the random parameters come
 from the CPU generator even for a CUDA tensor). On device=cpu the output equals cpu mode exactly;
-on CUDA nvjpeg and the float resize differ from libjpeg-turbo / the uint8 CPU resize by a few levels.
+on CUDA it is close, not bitwise: nvjpeg is not libjpeg-turbo, and v2 resizes uint8 CUDA images in
+float where the CPU has a uint8 kernel.
 
 A JPEG that fails to decode (valid header, broken body) is dropped from its batch, which is then
 short, and counted in skipped_corrupt, as decode=cpu counts it (where the worker refills the batch
 instead). Resume is exact here: batches are made before decoding, so skip_batches replays them.
+
+CUDA streams: torchvision's nvjpeg decoder allocates its outputs on the caller's stream but writes
+them without waiting for the caller's pending kernels (reported in pytorch/vision PR 9606, closed;
+torchcodec PR 1634 added the wait there), so it can overwrite a just-freed block that queued
+kernels still read: silent corruption of the training step's tensors. The decoder therefore runs
+on a stream of its own, synchronised before each decode call (only our previous batch's augment
+kernels can be pending there, never the training step's); the caller's stream then waits for it,
+and the batch is record_stream'ed so its block is not recycled while the caller still reads it.
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ from .data_worker import STAT_KEYS, EncodedBatch, check_same_shape, seeded_per_s
 
 def _decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """One decode_jpeg call for the whole list (one nvjpeg batch on CUDA); raises if any fails."""
+    if device.type == "cuda":  # nothing pending on the current stream: see the module docstring
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
@@ -45,8 +56,20 @@ class DeviceDecoder:
     def __init__(self, transform: Optional[Callable], device: torch.device, cfg: dict, counters: torch.Tensor):
         self.per_sample = getattr(transform, "per_sample", transform)
         self.device, self.cfg, self.counters = device, cfg, counters
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def __call__(self, batch: EncodedBatch) -> Optional[tuple[torch.Tensor, list, torch.Tensor]]:
+        if self.stream is None:
+            return self._process(batch)
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            out = self._process(batch)
+        if out is not None:
+            caller.wait_stream(self.stream)  # the caller's kernels start after the batch is made
+            out[0].record_stream(caller)  # freed later: not reused before the caller's reads are done
+        return out
+
+    def _process(self, batch: EncodedBatch) -> Optional[tuple[torch.Tensor, list, torch.Tensor]]:
         jpegs = list(torch.split(batch.data, batch.sizes)) if batch.sizes else []
         images: list[Optional[torch.Tensor]] = [None] * len(batch.keys)
         for position, image in zip(batch.jpeg_at, self._augment(self._decode(jpegs), batch)):
