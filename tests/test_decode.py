@@ -11,7 +11,7 @@ import torch
 
 from dist_cluster.config import ConfigError, load_config
 from dist_cluster.data import ShardLoader, make_loader
-from dist_cluster.transforms import extract_transform, train_transform
+from dist_cluster.transforms import IMAGENET_STD, extract_transform, train_transform
 from tests.shard_fixtures import encode_image, make_shards, sample_key, write_shards
 
 CPU = torch.device("cpu")
@@ -123,3 +123,20 @@ def test_make_loader_passes_decode_through(jpeg):
         load_config(None, ["data.decode=gpu"])
     with pytest.raises(ValueError, match="decode must be"):
         ShardLoader(jpeg.root, 0, 1, 3, 0, decode="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cuda_decode_close_to_worker_decode(jpeg, workers):
+    """nvjpeg + float resize on CUDA: the same keys, labels and crops, pixels within a few levels."""
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    reference = _epoch(_loader(jpeg.root, "cpu", workers, True))
+    loader = ShardLoader(jpeg.root, 0, 1, 3, workers, train_transform(12, 0.3), seed=7, epoch=1, shuffle=True,
+                         equal_steps=True, shuffle_buffer=5, decode="device", device=cuda, pin_memory=True)
+    result = _epoch(loader)
+    assert [k for _, k, _ in result] == [k for _, k, _ in reference]
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(result, reference))
+    assert all(x[0].device.type == "cuda" for x in result)
+    scale = 255 * torch.tensor(IMAGENET_STD).view(3, 1, 1)  # normalised units -> 8-bit levels
+    levels = torch.cat([(x[0].cpu() - y[0]).abs() * scale for x, y in zip(result, reference)])
+    assert levels.mean() < 3, f"mean difference {levels.mean():.2f} levels"
