@@ -2,11 +2,14 @@
 
     ~/.cache/dist_cluster/venv/bin/python bench/loader.py                    # workers 0 1 2, ~1-2 min
     ~/.cache/dist_cluster/venv/bin/python bench/loader.py --workers 0 4 8 16 --num-jpeg 8000 --max-samples 0
+    ~/.cache/dist_cluster/venv/bin/python bench/loader.py --decode cpu device --device cuda   # + nvjpeg rows
 
 Datasets: (a) Fashion-MNIST 28 px PNG shards (--fmnist DIR; when DIR/manifest.json is missing a
 10k subset is built into the cache with shards/build.py, or from the IDX files if that fails);
 (b) 256 px JPEG shards of random crops of the photos shipped with scikit-image, built into the cache.
 One rank (world 1), shuffle on, one pass (equal_steps=False) over at most --max-samples images.
+--decode device adds rows for the JPEG set where the workers only read and the main process
+decodes each batch on --device (data.decode=device; on a CPU device that is one core decoding).
 The per-stage cost (tar read, decode, augment) is also timed in-process. Prints a table, writes
 bench/results/loader.json.
 """
@@ -85,20 +88,27 @@ def build_photo_jpegs(out: Path, count: int, side: int = 256, per_shard: int = 1
     write_shards(out, shards, name="photos256", fmt="jpg", has_labels=True)
 
 
-def time_loader(root: Path, workers: int, batch_size: int, crop: int, min_scale: float, max_samples: int) -> dict:
+def time_loader(root: Path, workers: int, batch_size: int, crop: int, min_scale: float, max_samples: int,
+                decode: str = "cpu", device: str = "cpu") -> dict:
     """One shuffled pass; steady rate counts from the first batch (worker start-up excluded)."""
+    cuda = torch.device(device).type == "cuda"
+    on_device = torch.device(device) if cuda or decode == "device" else None  # as make_loader does
     loader = ShardLoader(str(root), 0, 1, batch_size, workers, train_transform(crop, min_scale), seed=0,
-                         epoch=0, shuffle=True, equal_steps=False, shuffle_buffer=1000, max_samples=max_samples)
+                         epoch=0, shuffle=True, equal_steps=False, shuffle_buffer=1000, max_samples=max_samples,
+                         decode=decode, device=on_device, pin_memory=cuda)
     cpu_start, start = _cpu_seconds(), time.perf_counter()
     first, count = None, 0
     for images, _, _ in loader:
         if first is None:
             first, first_count = time.perf_counter(), len(images)
         count += len(images)
+    if cuda:
+        torch.cuda.synchronize()  # the last batch's decode + augment are queued, not done
     end = time.perf_counter()
     cpu = _cpu_seconds() - cpu_start  # workers are joined when the pass ends: their CPU time is in
     steady = (count - first_count) / max(end - first, 1e-9)
-    return dict(workers=workers, images=count, seconds=round(end - start, 3), startup_s=round(first - start, 3),
+    return dict(workers=workers, decode=decode, images=count, seconds=round(end - start, 3),
+                startup_s=round(first - start, 3),
                 images_per_s=round(steady, 1), images_per_s_incl_startup=round(count / (end - start), 1),
                 cpu_us_per_image=round(1e6 * cpu / count, 1), skipped_corrupt=loader.stats["skipped_corrupt"])
 
@@ -147,6 +157,10 @@ def main() -> None:
     parser.add_argument("--num-jpeg", type=int, default=2000)
     parser.add_argument("--max-samples", type=int, default=10000, help="images per timed pass (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--decode", nargs="+", default=["cpu"], choices=["cpu", "device"],
+                        help="data.decode modes for the JPEG set (the PNG set is always decoded in the workers)")
+    parser.add_argument("--device", default="cpu",
+                        help="the run's device: where batches go and decode=device decodes (cpu | cuda)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/loader.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core per loader process: the rates are per worker, comparable
@@ -162,17 +176,19 @@ def main() -> None:
 
     datasets = {"fmnist-28px-png": (fmnist, 28, 0.5), "photos-256px-jpeg": (photos, 224, 0.2)}
     results = dict(cpu_count=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2), torch=torch.__version__,
-                   batch_size=args.batch_size, datasets={})
-    print(f"{'dataset':<20} {'workers':>7} {'images':>7} {'img/s':>9} {'cpu us/img':>10} {'startup s':>9}  "
-          f"per-image stages (in-process)")
+                   batch_size=args.batch_size, decode_device=args.device, datasets={})
+    print(f"{'dataset':<20} {'decode':>6} {'workers':>7} {'images':>7} {'img/s':>9} {'cpu us/img':>10} "
+          f"{'startup s':>9}  per-image stages (in-process)")
     for name, (root, crop, min_scale) in datasets.items():
         stages = time_stages(root, crop, min_scale)
-        runs = [time_loader(root, w, args.batch_size, crop, min_scale, args.max_samples) for w in args.workers]
+        decodes = args.decode if name.endswith("jpeg") else ["cpu"]
+        runs = [time_loader(root, w, args.batch_size, crop, min_scale, args.max_samples, mode, args.device)
+                for mode in decodes for w in args.workers]
         results["datasets"][name] = dict(root=str(root), crop=crop, min_scale=min_scale, stages=stages, runs=runs)
         for run in runs:
             stage_text = (f"read {stages['read_us']}, decode {stages['decode_us']}, crop+flip "
                           f"{stages['augment_us']}, normalize {stages['normalize_us']} us") if run is runs[0] else ""
-            print(f"{name:<20} {run['workers']:>7} {run['images']:>7} {run['images_per_s']:>9.0f} "
+            print(f"{name:<20} {run['decode']:>6} {run['workers']:>7} {run['images']:>7} {run['images_per_s']:>9.0f} "
                   f"{run['cpu_us_per_image']:>10.0f} {run['startup_s']:>9.2f}  {stage_text}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

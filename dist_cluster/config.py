@@ -31,6 +31,7 @@ class DataConfig:
     # a shard with fewer samples than its manifest count (cut tar, over-counting manifest) fails the
     # epoch, naming it; True: read what is there, count the shortfall (truncated_shards, lost_truncated)
     allow_short_shards: bool = False
+    decode: str = "cpu"  # cpu: loader workers decode JPEGs | device: workers ship bytes, the run's device decodes
 
 
 @dataclass
@@ -153,6 +154,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.schedule in ("constant", "cosine"), "train.schedule", "constant | cosine")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.decode in ("cpu", "device"), "data.decode", f"cpu | device, got {d.decode!r}")
     _check(d.image_size <= d.resize, "data.image_size", f"crop {d.image_size} larger than resize {d.resize}")
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", "auto | gloo | nccl")
     _check(cfg.model.arch in ("smallvgg", "vgg16_bn", "resnet50"), "model.arch", "smallvgg | vgg16_bn | resnet50")

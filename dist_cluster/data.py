@@ -6,6 +6,7 @@
     for images, keys, labels in loader:   # FloatTensor[B,3,H,W], list[str], LongTensor[B] (-1: no labels)
         ...
     log(reduce_stats(loader.stats))       # counts of corrupt / lost / refilled samples, summed over ranks
+    ShardLoader(..., device=torch.device("cuda"), decode="device")   # workers ship JPEG bytes, nvjpeg decodes
 
 Plan (from the manifest alone, identical on every rank, independent of the epoch): shards go to
 ranks greedily (largest first to the least-loaded rank), then the same way to the rank's DataLoader
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from . import comm
 from .data_worker import STAT_KEYS, WorkerReader
+from .device_decode import DeviceDecoder
 from .manifest import Manifest, ShardInfo, load_manifest
 
 # ---------------------------------------------------------------- the plan (manifest only)
@@ -162,6 +164,9 @@ class ShardLoader:
     skip_batches=n: the first n batches are skipped before decoding; the rest are those of an
     uninterrupted epoch (exactly, unless the skipped part holds an image with a valid header and a
     broken body: see looks_decodable).
+    decode="device": the workers batch JPEGs undecoded and the main process decodes them on `device`
+    (CPU when None), same samples and augmentations (dist_cluster/device_decode.py); a JPEG that
+    fails there leaves its batch short.
     len(loader) is the epoch's batch count; iteration yields len(loader) - skip_batches of them.
     """
 
@@ -169,9 +174,14 @@ class ShardLoader:
                  transform: Optional[Callable] = None, seed: int = 0, epoch: int = 0, shuffle: bool = True,
                  equal_steps: bool = True, skip_batches: int = 0, shuffle_buffer: int = 1000,
                  max_samples: int = 0, pin_memory: bool = False, mp_context: Optional[str] = None,
-                 device: Optional[torch.device] = None, allow_short_shards: bool = False):
+                 device: Optional[torch.device] = None, allow_short_shards: bool = False,
+                 decode: str = "cpu"):
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        if decode not in ("cpu", "device"):
+            raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
+        if decode == "device" and device is None:
+            device = torch.device("cpu")  # decoded in the main process, on its CPU
         self.manifest = load_manifest(shard_dir)
         self.plans = read_plan(self.manifest, rank, world, num_workers, max_samples)
         # this rank's shards only: every rank stats its own, not all of them every epoch
@@ -188,8 +198,9 @@ class ShardLoader:
         self.cfg = dict(root=str(shard_dir), rank=rank, world=world, batch_size=batch_size, seed=seed,
                         shuffle=shuffle, shuffle_buffer=shuffle_buffer, equal_steps=equal_steps,
                         has_labels=self.manifest.has_labels, finish_in_worker=device is None,
-                        allow_short_shards=allow_short_shards)
-        self._counters = torch.zeros(len(self.plans), len(STAT_KEYS), dtype=torch.int64).share_memory_()
+                        allow_short_shards=allow_short_shards, decode=decode)
+        # a row per worker, written by that worker; the last row: the main process (device decode)
+        self._counters = torch.zeros(len(self.plans) + 1, len(STAT_KEYS), dtype=torch.int64).share_memory_()
         self.set_epoch(epoch, skip_batches)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -212,7 +223,7 @@ class ShardLoader:
 
     @property
     def stats(self) -> dict:
-        """Counters of the current/last iteration, summed over workers."""
+        """Counters of the current/last iteration, summed over workers (and the main process's decoder)."""
         return dict(zip(STAT_KEYS, self._counters.sum(0).tolist()))
 
     def __iter__(self) -> Iterator[tuple]:
@@ -230,7 +241,15 @@ class ShardLoader:
             yield from loader
             return
         finish = getattr(self.transform, "finish_batch", None)
-        for images, keys, labels in loader:
+        decoder = None
+        if self.cfg["decode"] == "device":
+            decoder = DeviceDecoder(self.transform, self.device, dict(self.cfg), self._counters[-1])
+        for batch in loader:
+            if decoder is not None:
+                batch = decoder(batch)
+                if batch is None:  # an extraction batch without one decodable JPEG (counted)
+                    continue
+            images, keys, labels = batch
             images = images.to(self.device, non_blocking=True)
             yield (finish(images) if finish is not None else images), keys, labels
 
@@ -241,13 +260,15 @@ def make_loader(cfg_data, shard_dir: str, rank: int, world: int, transform: Call
 
     `device` is the run's device (distributed.env().device), never guessed from what the machine
     has: on CUDA, batches arrive there as uint8 from pinned memory and are normalised there (4x less
-    than float32 over PCIe); on CPU the workers normalise them.
+    than float32 over PCIe); on CPU the workers normalise them. cfg_data.decode=device: JPEGs are
+    decoded on `device` in this process (nvjpeg on CUDA), not in the workers.
     """
-    cuda = device.type == "cuda"
+    cuda, on_device = device.type == "cuda", cfg_data.decode == "device"
     return ShardLoader(shard_dir, rank, world, cfg_data.batch_size, cfg_data.num_workers, transform, seed, epoch,
                        shuffle=train, equal_steps=train, skip_batches=skip_batches,
                        shuffle_buffer=cfg_data.shuffle_buffer, max_samples=cfg_data.max_samples, pin_memory=cuda,
-                       device=device if cuda else None, allow_short_shards=cfg_data.allow_short_shards)
+                       device=device if cuda or on_device else None, allow_short_shards=cfg_data.allow_short_shards,
+                       decode=cfg_data.decode)
 
 
 def reduce_stats(stats: dict, group=None) -> dict:

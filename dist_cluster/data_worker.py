@@ -3,6 +3,10 @@
     stream: shards (shuffled per epoch) -> raw samples -> shuffle buffer -> resume skip (raw bytes,
     nothing decoded) -> decode + per-sample transform -> batch [-> finish_batch]
 
+With decode="device" the stream is the same up to the batch, but JPEGs are not decoded here: the
+batch carries their bytes (EncodedBatch) and the main process decodes them on the run's device
+(dist_cluster/device_decode.py). Other formats (PNG...) are still decoded and transformed here.
+
 Corrupt samples are counted, never raised. A shard with fewer samples than its manifest count (a
 cut tar, or a manifest that over-counts: the reader cannot tell them apart) raises ShortShardError,
 or with data.allow_short_shards is counted too. The counters live in a shared-memory tensor so the
@@ -11,6 +15,8 @@ main process (ShardLoader.stats in dist_cluster/data.py) sees them:
     skipped_corrupt   no image / undecodable / bad .cls  truncated_shards tars that ended early
     lost_truncated    manifest count - samples read      refilled         samples from a second pass
     skipped_resume    raw samples passed over by skip_batches (never decoded)
+Device mode: `decoded` also counts the JPEGs passed on undecoded; those the main process then cannot
+decode move from `samples` to `skipped_corrupt` (its own row of the counters).
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ import random
 import tarfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
@@ -32,6 +39,22 @@ STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_
              "refilled", "skipped_resume")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # jpeg, png, gif (+ webp below)
+JPEG_MAGIC = _MAGIC[0]
+
+
+class EncodedBatch(NamedTuple):
+    """A batch as a decode="device" worker ships it: JPEGs still encoded, other samples decoded.
+
+    All the JPEG bytes of the batch travel as ONE flat tensor: every tensor crossing the worker
+    queue costs a shared-memory segment and a file descriptor, one per batch instead of one per image.
+    """
+    data: torch.Tensor  # uint8 [sum(sizes)]: the JPEG files back to back
+    sizes: list  # bytes of each JPEG, in batch order
+    jpeg_at: list  # position in the batch of each JPEG
+    images: Optional[torch.Tensor]  # uint8 [B - len(sizes), 3, h, w]: the other samples, per_sample done
+    keys: list
+    labels: torch.Tensor  # int64 [B]
+    passes: list  # pass of each sample: part of its augmentation seed, and of the `refilled` count
 
 
 def _split_name(name: str) -> tuple[Optional[str], str]:
@@ -121,6 +144,22 @@ def looks_decodable(sample: dict, has_labels: bool) -> bool:
     return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+def check_same_shape(images) -> None:
+    shapes = {tuple(i.shape) for i in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images of different shapes in one batch {sorted(shapes)}: "
+                         f"the transform must end in a fixed-size crop")
+
+
+def seeded_per_sample(per_sample: Callable, image: torch.Tensor, seed: int, epoch: int, key: str,
+                      pass_index: int) -> torch.Tensor:
+    """per_sample(image) with the global CPU generator seeded from (seed, epoch, key, pass): the same
+    augmentation wherever it runs (worker, main process, on a CUDA tensor: v2 draws its random
+    parameters on the CPU), so a resumed epoch repeats it. The caller forks the RNG if it must."""
+    torch.default_generator.manual_seed(_seed64(seed, epoch, key, pass_index))  # 1 us; torch.manual_seed: 150 us
+    return per_sample(image)
+
+
 def decode_sample(sample: dict, has_labels: bool) -> Optional[tuple[torch.Tensor, int]]:
     """(uint8 RGB [3,H,W], label) or None for a corrupt sample (no image, undecodable, bad .cls)."""
     if not looks_decodable(sample, has_labels):
@@ -199,21 +238,28 @@ class WorkerReader:
             if sample["__pass__"] > last_good_pass + 1:  # a whole pass without one good sample
                 raise RuntimeError(f"rank {c['rank']}: a full pass over a worker's shards gave no decodable "
                                    f"sample ({stats['skipped_corrupt']} corrupt); cannot fill the epoch")
-            decoded = decode_sample(sample, c["has_labels"])
-            stats["decoded"] += 1
+            decoded = self._decode(sample)
+            stats["decoded"] += 1  # device mode: a JPEG is counted here, decoded in the main process
             if decoded is None:
                 stats["skipped_corrupt"] += 1
                 continue
             last_good_pass = sample["__pass__"]
             image, label = decoded
-            if self.transform is not None:
-                # augmentations are a function of (seed, epoch, key, pass), so a resumed epoch repeats
-                # them; in the main process (num_workers=0) the caller's global RNG is left as it was
+            if self.transform is not None and isinstance(image, torch.Tensor):
+                # in the main process (num_workers=0) the caller's global RNG is left as it was
                 with torch.random.fork_rng(devices=[]) if in_main else contextlib.nullcontext():
-                    key_seed = _seed64(c["seed"], c["epoch"], sample["__key__"], sample["__pass__"])
-                    torch.default_generator.manual_seed(key_seed)  # 1 us; torch.manual_seed: 150 us
-                    image = self._per_sample(image)
+                    image = seeded_per_sample(self._per_sample, image, c["seed"], c["epoch"], sample["__key__"],
+                                              sample["__pass__"])
             yield image, sample["__key__"], label, sample["__pass__"]
+
+    def _decode(self, sample: dict) -> Optional[tuple]:
+        """decode_sample, except in device mode where a JPEG stays bytes (its header checked)."""
+        has_labels = self.cfg["has_labels"]
+        if self.cfg["decode"] == "device" and looks_decodable(sample, has_labels):
+            data = _image_bytes(sample)
+            if data.startswith(JPEG_MAGIC):
+                return data, _parse_label(sample, has_labels)
+        return decode_sample(sample, has_labels)
 
     def _batches(self, slot: dict, stats: dict) -> Iterator[tuple]:
         c, batch_size = self.cfg, self.cfg["batch_size"]
@@ -244,17 +290,36 @@ class WorkerReader:
             yield self._collate(items, stats)
 
     def _collate(self, items: list[tuple], stats: dict) -> tuple:
+        stats["samples"] += len(items)  # device mode: the main process subtracts what it cannot decode
+        stats["refilled"] += sum(item[3] > 0 for item in items)
+        if self.cfg["decode"] == "device":
+            return _collate_encoded(items)
         images, keys, labels, passes = zip(*items)
-        if len({tuple(i.shape) for i in images}) > 1:
-            raise ValueError(f"images of different shapes in one batch {sorted({tuple(i.shape) for i in images})}: "
-                             f"the transform must end in a fixed-size crop")
-        stats["samples"] += len(items)
-        stats["refilled"] += sum(p > 0 for p in passes)
+        check_same_shape(images)
         shape = (len(images), *images[0].shape)
         batch = torch.stack(images, out=_worker_tensor(shape, images[0].dtype))
         if self._finish_batch is not None:
             batch = self._finish_batch(batch, out=_worker_tensor(shape, torch.float32))
         return batch, list(keys), torch.tensor(labels, dtype=torch.long)
+
+
+def _collate_encoded(items: list[tuple]) -> EncodedBatch:
+    """EncodedBatch of (JPEG bytes or decoded uint8 image, key, label, pass) items."""
+    values, keys, labels, passes = zip(*items)
+    jpeg_at = [i for i, v in enumerate(values) if isinstance(v, bytes)]
+    sizes = [len(values[i]) for i in jpeg_at]
+    data = _worker_tensor((sum(sizes),), torch.uint8)
+    flat, offset = data.numpy(), 0
+    for i, size in zip(jpeg_at, sizes):  # straight into the shared segment: no joined copy
+        flat[offset:offset + size] = np.frombuffer(values[i], dtype=np.uint8)
+        offset += size
+    images = [v for v in values if not isinstance(v, bytes)]
+    stacked = None
+    if images:
+        check_same_shape(images)
+        stacked = torch.stack(images, out=_worker_tensor((len(images), *images[0].shape), images[0].dtype))
+    return EncodedBatch(data, sizes, jpeg_at, stacked, list(keys), torch.tensor(labels, dtype=torch.long),
+                        list(passes))
 
 
 def _worker_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:

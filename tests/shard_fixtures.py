@@ -19,6 +19,9 @@ from PIL import Image
 from dist_cluster.manifest import Manifest, ShardInfo
 
 
+SIGNATURE = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff\xe0"}
+
+
 def sample_key(shard: int, index: int) -> str:
     return f"s{shard:03d}_{index:04d}"
 
@@ -71,12 +74,15 @@ class FixtureShards:
 
 def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int], size: int = 28,
                 labels: bool = True, corrupt_keys: Iterable[str] = (), fmt: str = "png", gray: bool = False,
-                missing_image_keys: Iterable[str] = (), bad_label_keys: Iterable[str] = ()) -> FixtureShards:
+                missing_image_keys: Iterable[str] = (), bad_label_keys: Iterable[str] = (),
+                broken_body_keys: Iterable[str] = ()) -> FixtureShards:
     """num_shards tars of random size x size images (gray: 1 channel stored); the *_keys samples are
-    written broken (garbage image bytes / no image member / a non-integer .cls) but still counted in
-    the manifest, as a builder that did not notice would."""
+    written broken (garbage image bytes / no image member / a non-integer .cls / the format's
+    signature then garbage: only decoding finds it) but still counted in the manifest, as a builder
+    that did not notice would."""
     counts = [per_shard] * num_shards if isinstance(per_shard, int) else list(per_shard)
     corrupt, missing, bad_label = set(corrupt_keys), set(missing_image_keys), set(bad_label_keys)
+    broken_body = set(broken_body_keys)
     out = FixtureShards(Path(root), None, [])
     all_shards = []
     for shard, count in enumerate(counts):
@@ -88,6 +94,8 @@ def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int
             image = encode_image(pixels, fmt)
             if key in corrupt:
                 image = b"\x89PNG garbage" + rng.bytes(200)
+            if key in broken_body:
+                image = SIGNATURE[fmt] + rng.bytes(200)
             label = int(rng.integers(0, 10))
             label_bytes = (b"seven" if key in bad_label else str(label).encode()) if labels else None
             samples.append((key, None if key in missing else image, label_bytes))
