@@ -4,7 +4,8 @@
     bash scripts/gpu_check.sh --dry-run    # anywhere: prints the steps, checks wheels and files
 
 Steps (each a subprocess with its own time limit; a failed step is recorded, the next still runs):
-  pytest     `pytest -m gpu`: NCCL at world size 1 through every collective, CUDA == CPU results
+  pytest     `pytest -m gpu tests`: NCCL at world size 1 through every collective, CUDA == CPU
+             results, nvjpeg decoding (tests/test_gpu.py, tests/test_decode.py)
   smoke      torchrun --nproc_per_node 1 on synthetic shards with dist.device=cuda; again with
              model.compile=true; a third run killed with -9 mid-training and resumed: its final
              losses against the uninterrupted run's
@@ -57,13 +58,26 @@ def run(cmd: list[str], limit: int, log: Path, env: dict | None = None) -> dict:
             "tail": text[-1500:]}
 
 
+def events(run_dir: Path, stage: str) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written when we read
+            pass
+    return [r for r in records if r.get("stage") == stage]
+
+
 def final_losses(run_dir: Path) -> list[list[float]]:
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [[e["loss_super"], e["loss_sub"]] for e in events if e.get("event") == "epoch"]
+    return [[e["loss_super"], e["loss_sub"]] for e in events(run_dir, "epoch")]
 
 
 def step_pytest(out: Path) -> dict:
-    res = run([PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
+    res = run([PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
                f"--junitxml={out / 'pytest_gpu.xml'}"], 240, out / "pytest_gpu.log")
     res["summary"] = res["tail"].strip().splitlines()[-1] if res["tail"].strip() else ""
     return res
@@ -84,8 +98,7 @@ def kill_when_training(cmd: list[str], run_dir: Path, log: Path, limit: int) -> 
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         killed_at = None
         while proc.poll() is None and time.perf_counter() - start < limit:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and '"round": 1' in metrics.read_text() and '"event": "train"' in metrics.read_text():
+            if any(e.get("round") == 1 for e in events(run_dir, "train")):
                 killed_at = time.perf_counter() - start
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
@@ -150,12 +163,12 @@ def dry_run(wheels: Path) -> int:
         problems.append(f"wheels in {wheels}: {check.stdout.strip() or check.stderr.strip()} "
                         "(run bash scripts/gpu_wheels.sh)")
     collected = subprocess.run([PY, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True)
+                                "tests"], cwd=ROOT, capture_output=True, text=True)
     count = sum(1 for line in collected.stdout.splitlines() if "::test_" in line)
     if count < 10:
         problems.append(f"pytest -m gpu collects {count} tests (need >= 10)")
     print("steps (each in its own time limit):")
-    print(f"  pytest  {PY} -m pytest -m gpu -q tests/test_gpu.py   ({count} tests)")
+    print(f"  pytest  {PY} -m pytest -m gpu -q tests   ({count} tests)")
     print(f"  smoke   {shlex.join(torchrun(SMOKE + ['dist.device=cuda', 'run_dir=WORK/plain', 'data.train=WORK/shards']))}")
     print("          ... again with model.compile=true; again killed with -9 in round 1 and resumed")
     print(f"  kmeans  {PY} bench/kmeans.py --device cuda [--tf32]")

@@ -125,6 +125,7 @@ def test_make_loader_passes_decode_through(jpeg):
         ShardLoader(jpeg.root, 0, 1, 3, 0, decode="gpu")
 
 
+@pytest.mark.gpu  # deselected in CI; scripts/gpu_check.sh runs it
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvjpeg)")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cuda_decode_close_to_worker_decode(jpeg, workers):
