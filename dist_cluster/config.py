@@ -62,8 +62,6 @@ class ClusterConfig:
     init_samples_per_rank: int = 10000  # bound on the points each rank offers for centroid init
     memmap_gb: float = 4.0  # features larger than this per rank go to a memmap on local disk
     memmap_dir: str = "/tmp"
-    nmi_exact_max: int = 1_000_000  # above this many images, NMI between rounds is sampled
-    nmi_sample: int = 100_000
 
 
 @dataclass

@@ -96,10 +96,18 @@ def _stage_rounds(rank, run_dir, feats, keys, bounds):
 
 
 def _nmi_cases(rank, a, b, bounds):
+    """NMI of correlated labels, and of independent labels with k = N / 2 (where a sampled estimate
+    was far off: it over-fits the contingency table), this rank's slice of each."""
     lo, hi = bounds[rank], bounds[rank + 1]
-    exact = distributed_nmi(a[lo:hi], b[lo:hi], seed=0, exact_max=10**6, sample=10)
-    sampled = distributed_nmi(a[lo:hi], b[lo:hi], seed=0, exact_max=100, sample=3000)
-    return exact, sampled
+    big_a, big_b = high_k_labels()
+    cut = [len(big_a) * r // (len(bounds) - 1) for r in range(len(bounds))]
+    return distributed_nmi(a[lo:hi], b[lo:hi]), distributed_nmi(big_a[cut[rank]:cut[rank + 1]],
+                                                                 big_b[cut[rank]:cut[rank + 1]])
+
+
+def high_k_labels(n=4000):
+    rng = np.random.default_rng(5)
+    return rng.integers(0, n // 2, n), rng.integers(0, n // 2, n)
 
 
 def _two_rank_worker(rank, world, run_dir, stage_args, nmi_args):
@@ -108,7 +116,8 @@ def _two_rank_worker(rank, world, run_dir, stage_args, nmi_args):
 
 
 def _four_rank_worker(rank, world):
-    return _hier_cases(rank, HIER_CASES_4)
+    a, b = correlated_labels()
+    return _hier_cases(rank, HIER_CASES_4), _nmi_cases(rank, a, b, (0, 1000, 1000, 4500, 6000))
 
 
 def correlated_labels(n=6000, k=8, noise=0.3, seed=0):
@@ -135,6 +144,11 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four_ranks():
     return run_ranks(_four_rank_worker, 4)
+
+
+@pytest.fixture(scope="module")
+def four_rank_hier(four_ranks):
+    return [r[0] for r in four_ranks]
 
 
 # ---------------------------------------------------------------- hierarchy
@@ -176,11 +190,11 @@ def test_w_smaller_than_m_routes_and_matches_reference(two_ranks):
     assert set(per_rank[0]["w_lt_m"]["seconds"]) == {"level1", "route", "level2", "return"}
 
 
-def test_w_larger_than_m_with_an_empty_rank(four_ranks):
-    check_against_reference(HIER_CASES_4, four_ranks, "w_gt_m")
-    assert four_ranks[0]["w_gt_m"]["owners"] == [[0], [1], [2, 3]]
-    assert len(four_ranks[3]["w_gt_m"]["sub"]) == 0
-    assert 2 in four_ranks[3]["w_gt_m"]["centroids_sub"]  # rank 3 clustered routed rows of super 2
+def test_w_larger_than_m_with_an_empty_rank(four_rank_hier):
+    check_against_reference(HIER_CASES_4, four_rank_hier, "w_gt_m")
+    assert four_rank_hier[0]["w_gt_m"]["owners"] == [[0], [1], [2, 3]]
+    assert len(four_rank_hier[3]["w_gt_m"]["sub"]) == 0
+    assert 2 in four_rank_hier[3]["w_gt_m"]["centroids_sub"]  # rank 3 clustered routed rows of super 2
 
 
 @pytest.mark.parametrize("name", ["flat", "rotnet", "k_eq_m"])
@@ -235,16 +249,20 @@ def test_nmi_one_process_matches_sklearn():
     assert distributed_nmi([0, 0, 0, 0], [0, 1, 2, 3])[0] == normalized_mutual_info_score([0] * 4, [0, 1, 2, 3])
 
 
-def test_nmi_two_ranks_exact_and_sampled(two_ranks):
-    _, results = two_ranks
+def _check_nmi(per_rank):
     a, b = correlated_labels()
-    exact = normalized_mutual_info_score(a, b)
-    for r in results:
-        value, pairs, sampled = r["nmi"][0]
-        assert value == pytest.approx(exact, abs=1e-12) and pairs == len(a) and not sampled
-        value, pairs, sampled = r["nmi"][1]
-        assert sampled and 2000 < pairs < 4000 and value == pytest.approx(exact, abs=0.05)
-    assert results[0]["nmi"] == results[1]["nmi"]
+    big_a, big_b = high_k_labels()
+    for correlated, high_k in per_rank:
+        assert correlated[0] == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
+        assert correlated[1] == len(a)
+        assert high_k[0] == pytest.approx(normalized_mutual_info_score(big_a, big_b), abs=1e-12)
+        assert high_k[1] == len(big_a)
+    assert len({tuple(map(tuple, r)) for r in per_rank}) == 1  # the same numbers on every rank
+
+
+def test_nmi_is_exact_against_sklearn_on_two_and_four_ranks(two_ranks, four_ranks):
+    _check_nmi([r["nmi"] for r in two_ranks[1]])
+    _check_nmi([r[1] for r in four_ranks])
 
 
 # ---------------------------------------------------------------- stage driver

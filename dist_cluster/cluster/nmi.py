@@ -1,17 +1,16 @@
-"""NMI between two labelings whose pairs are spread over ranks, without a global label table.
+"""Exact NMI between two labelings whose pairs are spread over ranks, without a global label table.
 
-    nmi, pairs, sampled = distributed_nmi(prev_labels, new_labels, seed=r, exact_max=10**6, sample=10**5)
+    nmi, pairs = distributed_nmi(prev_labels, new_labels)   # collective: every rank, its own pairs
 
 Each rank holds (a_i, b_i) pairs for its own images. The contingency table is sparse and, for
 large k, far too big to all_reduce densely, so:
   1. each rank counts its distinct (a, b) pairs (np.unique);
   2. pair counts are hash-partitioned over ranks by all_to_all (owner = code % W), so every
      distinct pair is summed on exactly one rank; nothing N-sized lands on one rank;
-  3. marginals (k numbers each) are all_reduced; each rank adds its pairs' n_ab log(N n_ab / (n_a n_b))
-     and one scalar all_reduce gives the mutual information.
-Above `exact_max` pairs, every rank keeps each pair with probability sample / N (seeded per rank),
-and the NMI of that uniform sample is returned (sampled=True): an estimate, slightly biased upward
-for large k because small samples over-fit the contingency table.
+  3. marginals (k numbers each: not N-sized) are all_reduced; each rank adds its pairs'
+     n_ab log(N n_ab / (n_a n_b)) and one scalar all_reduce gives the mutual information.
+Always exact: a sampled estimate over-fits the contingency table at large k (it gave 0.98 for two
+independent random labelings at k = 320000), which is where the number matters.
 NMI = I(a; b) / ((H(a) + H(b)) / 2), the arithmetic normalisation that is sklearn's default,
 including its limit cases (both labelings constant: 1.0; I == 0: 0.0).
 """
@@ -42,9 +41,8 @@ def _sum_pairs(codes: np.ndarray, counts: np.ndarray, group=None) -> tuple[np.nd
     return uniq, np.bincount(inverse, weights=counts, minlength=len(uniq))
 
 
-def distributed_nmi(labels_a, labels_b, seed: int = 0, exact_max: int = 1_000_000,
-                    sample: int = 100_000, group=None) -> tuple[float, int, bool]:
-    """(NMI, number of pairs used, sampled?) over all ranks' (labels_a[i], labels_b[i]) pairs."""
+def distributed_nmi(labels_a, labels_b, group=None) -> tuple[float, int]:
+    """(NMI, number of pairs) over all ranks' (labels_a[i], labels_b[i]) pairs."""
     a = np.asarray(labels_a, dtype=np.int64).ravel()
     b = np.asarray(labels_b, dtype=np.int64).ravel()
     if a.shape != b.shape:
@@ -54,13 +52,8 @@ def distributed_nmi(labels_a, labels_b, seed: int = 0, exact_max: int = 1_000_00
     header = torch.tensor([len(a), a.max(initial=-1) + 1, b.max(initial=-1) + 1], dtype=torch.int64)
     n_total = int(comm.all_reduce(header[:1].clone(), group).item())
     sizes = comm.all_reduce(header[1:].clone(), group, op=comm.MAX).tolist()
-    sampled = n_total > exact_max
-    if sampled:
-        keep = np.random.default_rng([seed, 17, comm.group_rank(group)]).random(len(a)) < sample / n_total
-        a, b = a[keep], b[keep]
-        n_total = int(comm.all_reduce(torch.tensor([len(a)], dtype=torch.int64), group).item())
     if n_total == 0:
-        return 1.0, 0, sampled
+        return 1.0, 0
     ka, kb = max(1, sizes[0]), max(1, sizes[1])
     codes, counts = np.unique(a * kb + b, return_counts=True)
     codes, pair_counts = _sum_pairs(codes, counts.astype(np.int64), group)
@@ -71,7 +64,7 @@ def distributed_nmi(labels_a, labels_b, seed: int = 0, exact_max: int = 1_000_00
     n = float(n_total)
     h_a, h_b = _entropy(count_a, n), _entropy(count_b, n)
     if (count_a > 0).sum() == 1 and (count_b > 0).sum() == 1:
-        return 1.0, n_total, sampled
+        return 1.0, n_total
     local_mi = 0.0
     if len(codes):
         ia, ib = codes // kb, codes % kb
@@ -79,5 +72,5 @@ def distributed_nmi(labels_a, labels_b, seed: int = 0, exact_max: int = 1_000_00
     mi = float(comm.all_reduce(torch.tensor([local_mi], dtype=torch.float64), group).item())
     mi = max(mi, 0.0)  # rounding can give -1e-17 for independent labelings
     if mi == 0.0 or h_a + h_b == 0:
-        return 0.0, n_total, sampled
-    return mi / ((h_a + h_b) / 2), n_total, sampled
+        return 0.0, n_total
+    return mi / ((h_a + h_b) / 2), n_total

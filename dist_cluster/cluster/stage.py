@@ -117,9 +117,8 @@ def _nmi_with_prev(state: ClusterState, prev: Optional[ClusterState], c, seed: i
         return {"nmi_prev": None}  # first round (or a rank without history): skipped everywhere
     _, i_prev, i_new = np.intersect1d(prev.keys, state.keys, return_indices=True)
     unmatched = torch.tensor([len(state.keys) - len(i_new)], dtype=torch.int64)
-    nmi, pairs, sampled = distributed_nmi(prev.sub[i_prev], state.sub[i_new], seed=seed,
-                                          exact_max=c.nmi_exact_max, sample=c.nmi_sample)
-    return {"nmi_prev": nmi, "nmi_pairs": pairs, "nmi_sampled": sampled,
+    nmi, pairs = distributed_nmi(prev.sub[i_prev], state.sub[i_new])
+    return {"nmi_prev": nmi, "nmi_pairs": pairs,
             "nmi_unmatched": int(comm.all_reduce(unmatched).item())}
 
 
