@@ -145,6 +145,15 @@ class Run:
             params += list(self.heads.parameters())
         self.head_opt = sgd(params, self.cfg.train)
 
+    def heads_for_round(self, round_idx: int) -> None:
+        """After a re-clustering the targets are new: fresh heads. RotNet and supervised targets never
+        change, so their classifier (and its momentum) carries on from the last round, as in the
+        original's RotNet mode; only the first round, or a resume, builds it."""
+        if self.clusters_needed or round_idx == 0:
+            self.new_heads(round_idx)
+        elif self.head_opt is None:  # resumed at a round boundary: the saved classifier
+            self.restore_heads(round_idx)
+
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, round_copy=None) -> None:
@@ -198,7 +207,7 @@ class Run:
         for round_idx in range(self.state["round"], self.num_rounds):
             if self.state["phase"] == "cluster":
                 clusters = self.cluster(round_idx, prev)
-                self.new_heads(round_idx)
+                self.heads_for_round(round_idx)
                 self.state.update(phase="train", epoch=round_idx * self.cfg.train.reassign, step=0)
                 self.save()
             else:  # resumed inside the training phase of this round

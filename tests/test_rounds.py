@@ -1,0 +1,57 @@
+"""The round loop's classifiers: re-initialised after every re-clustering (DeeperCluster,
+DeepCluster), carried over from round to round where the targets never change (RotNet and
+supervised, as in the original's RotNet mode), also across a resume at a round boundary.
+
+    ~/.cache/dist_cluster/venv/bin/python -m pytest -q tests/test_rounds.py
+"""
+import pytest
+import torch
+
+from tests.dist_utils import run_ranks
+from tests.shard_fixtures import make_shards
+
+
+def _config(mode, run_dir, shards, epochs):
+    from dist_cluster.config import load_config
+    return load_config(None, [f"mode={mode}", f"run_dir={run_dir}", f"data.train={shards}", "data.batch_size=32",
+                              "data.num_workers=0", "data.max_samples=96", "data.image_size=28", "data.resize=28",
+                              "model.sobel=false", "model.feature_dim=16", "cluster.k=8", "cluster.m=2",
+                              "cluster.pca_dim=8", "cluster.niter=3", f"train.epochs={epochs}", "train.reassign=1",
+                              "train.ckpt_every_steps=0", "train.log_every_steps=1"])
+
+
+def _heads_at_round_edges(rank, world, mode, run_dir, shards, epochs_per_run):
+    """Super-head weights at the start and end of every round, over one or more runs of run_dir."""
+    from dist_cluster.rounds import Run
+    seen = []
+
+    class Recording(Run):
+        def train_round(self, round_idx, table):
+            start = self.module.super_head.weight.detach().clone()
+            super().train_round(round_idx, table)
+            seen.append((round_idx, start, self.module.super_head.weight.detach().clone()))
+
+    for epochs in epochs_per_run:
+        Recording(_config(mode, run_dir, shards, epochs)).run()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), 2, 96, size=28).root
+
+
+def _both_ways(rank, world, mode, tmp, shards):
+    """Two rounds in one run, and the same two rounds over two runs (resumed at the boundary)."""
+    return [_heads_at_round_edges(rank, world, mode, tmp / name, shards, epochs)
+            for name, epochs in (("one_run", (2,)), ("resumed", (1, 2)))]
+
+
+@pytest.mark.parametrize("mode", ["rotnet", "supervised", "deepercluster"])
+def test_classifier_carries_over_only_when_targets_are_fixed(mode, shards, tmp_path):
+    for (r0, start0, end0), (r1, start1, end1) in run_ranks(_both_ways, 1, (mode, tmp_path, shards))[0]:
+        assert (r0, r1) == (0, 1) and not torch.equal(start0, end0)  # round 0 trained its head
+        if mode == "deepercluster":  # new clusters, new head: not the one round 0 left
+            assert not torch.equal(start1, end0)
+        else:
+            assert torch.equal(start1, end0)
