@@ -62,6 +62,7 @@ class ClusterConfig:
     init_samples_per_rank: int = 10000  # bound on the points each rank offers for centroid init
     memmap_gb: float = 4.0  # features larger than this per rank go to a memmap on local disk
     memmap_dir: str = "/tmp"
+    route_chunk_mb: int = 256  # level-2 routing: MiB one round sends (and receives) per rank
 
 
 @dataclass
@@ -145,6 +146,7 @@ def validate(cfg: DictConfig) -> None:
     _check(c.k % c.m == 0, "cluster.k", f"k={c.k} must be a multiple of m={c.m} (k/m sub-clusters each)")
     _check(c.pca_dim >= 1, "cluster.pca_dim", "must be >= 1")
     _check(c.backend in ("auto", "faiss", "torch"), "cluster.backend", "auto | faiss | torch")
+    _check(c.route_chunk_mb >= 1, "cluster.route_chunk_mb", "must be >= 1")
     _check(t.rotations in (1, 4), "train.rotations", "must be 1 or 4")
     _check(t.rotations > 1 or c.k > 1, "train.rotations", "no rotation and k=1 leaves nothing to predict")
     _check(t.reassign >= 1, "train.reassign", "must be >= 1")

@@ -112,7 +112,8 @@ class Run:
                               features_bytes_rank0=feats.numel() * feats.element_size(),
                               img_per_s=data_stats["samples"] / max(timer.seconds, 1e-9), data_stats=data_stats)
             state = run_clustering(feats, keys, cfg.cluster, round_idx, self.run_dir, self.logger,
-                                   seed=cfg.seed + round_idx, device=self.device, prev=prev, poll=poll)
+                                   seed=cfg.seed + round_idx, device=self.device, prev=prev, poll=poll,
+                                   overwrite_features=True)  # the features are not used after clustering
         except preemption.StopRequested:
             self.stop_for_preemption(save=False)
         self.logger.event("traffic", round=round_idx, phase="cluster",

@@ -6,9 +6,8 @@ computed by the rank group that owns it; features travel by all_to_all, labels c
 
 LEVEL 1  kmeans(m) over every rank.
 ROUTE    each row goes to a rank of the group owning its super-cluster (distributed.ownership: for
-         W >= m contiguous groups, for W < m a rank owns several super-clusters). Within a group of
-         several ranks every source spreads its rows round-robin over the members, starting at an
-         offset equal to its own rank, so the members end up with near-equal shares.
+         W >= m contiguous groups, for W < m a rank owns several super-clusters), in rounds of
+         bounded size, into a buffer on `device` ordered by super-cluster (route.py).
 LEVEL 2  for each owned super-cluster s, kmeans(k/m) over the rows of s inside the owning group.
 RETURN   all_to_all back along the same splits: every rank gets (super, sub) for its own rows.
 
@@ -19,8 +18,9 @@ sizes, so all members of a group skip or join the same collectives.
 Modes: m == 1 (flat DeepCluster) clusters over the world with no routing; k == m needs no level 2
 (sub == super); k == 1 (RotNet) labels everything 0.
 
-Memory: a rank holds its own rows plus the rows routed to it (about n_local again). The routed
-rows land on `device` (the run's device: the GPU under NCCL), where level 2 reads them.
+Memory: a rank holds its own rows (RAM or a local memmap) plus the rows routed to it (about n_local
+again) on `device` (the GPU under NCCL), where level 2 reads them as contiguous slices; in flight,
+one routing round: at most about route_chunk_bytes each way.
 Preemption: `poll` (preemption.UnevenLoopPoll) polls after every Lloyd iteration of both levels;
 level 2 is uneven (a rank may own several super-clusters), so its polls are finished after it.
 """
@@ -36,10 +36,12 @@ from .. import distributed
 from ..logger import Timer
 from .. import comm
 from ..preemption import NO_POLL
-from .rows import num_rows, take_rows
+from .route import RoutePlan
+from .rows import num_rows
 from .kmeans import KMeansResult, kmeans
 
 _GROUP_CACHE: dict = {}
+ROUTE_CHUNK_BYTES = 256 << 20  # per rank and routing round, each way (route.py)
 
 
 @dataclass
@@ -72,28 +74,13 @@ def owner_groups(m: int) -> tuple[list[list[int]], list]:
     return owners, _GROUP_CACHE[key]
 
 
-def route_destinations(super_local: torch.Tensor, owners: list[list[int]], rank: int) -> torch.Tensor:
-    """Destination rank of every local row: a member of its super-cluster's group, round-robin."""
-    n = len(super_local)
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64)
-    width = max(len(o) for o in owners)
-    members = torch.tensor([o + [o[0]] * (width - len(o)) for o in owners], dtype=torch.int64)
-    group_len = torch.tensor([len(o) for o in owners], dtype=torch.int64)
-    order = torch.argsort(super_local, stable=True)
-    s_sorted = super_local[order]
-    pos = torch.arange(n) - torch.searchsorted(s_sorted, s_sorted, side="left")  # rank within its super
-    member = (pos + rank) % group_len[s_sorted]
-    dest = torch.empty(n, dtype=torch.int64)
-    dest[order] = members[s_sorted, member]
-    return dest
-
-
 def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: torch.device,
                         backend: str = "auto", log: Optional[Callable[..., None]] = None,
-                        init_samples_per_rank: int = 10000, poll=NO_POLL) -> HierResult:
+                        init_samples_per_rank: int = 10000, poll=NO_POLL,
+                        route_chunk_bytes: int = ROUTE_CHUNK_BYTES) -> HierResult:
     """Collective over the world, computed on `device`.
-    `log(level=, super=, iteration=, objective=, seconds=)` per iteration."""
+    `log(level=, super=, iteration=, objective=, seconds=)` per iteration; `route_chunk_bytes`
+    bounds what one routing round sends and receives per rank."""
     if m < 1 or k < m or k % m:
         raise ValueError(f"hierarchical k-means needs 1 <= m <= k and k % m == 0, got k={k}, m={m}")
     n_total = int(comm.all_reduce(torch.tensor([num_rows(x_local)]), None).item())
@@ -132,7 +119,7 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
             level2_stats += torch.tensor([flat.empty_resplit, flat.final_objective], dtype=torch.float64)
     else:
         _route_and_cluster(x_local, res, k, m, niter, seed, device, backend, init_samples_per_rank,
-                           owners, groups, mine, level2_stats, level_log, poll)
+                           owners, groups, mine, level2_stats, level_log, poll, route_chunk_bytes)
 
     res.clamped = {s: int(n) for s, n in enumerate(super_sizes.tolist()) if n < kpm and kpm > 1}
     level2_stats = comm.all_reduce(level2_stats)
@@ -143,31 +130,25 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
 
 
 def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, device, backend, init_samples_per_rank,
-                       owners, groups, mine, level2_stats, level_log, poll) -> None:
-    """ROUTE -> LEVEL 2 -> RETURN; fills res.sub_local, res.centroids_sub, res.level2."""
-    kpm, rank, world = k // m, comm.group_rank(), comm.group_size()
+                       owners, groups, mine, level2_stats, level_log, poll, route_chunk_bytes) -> None:
+    """ROUTE -> LEVEL 2 -> RETURN (route.py); fills res.sub_local, res.centroids_sub, res.level2."""
+    kpm, rank = k // m, comm.group_rank()
     seconds = res.seconds
     with Timer() as timer:
-        dest = route_destinations(res.super_local, owners, rank)
-        send_order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=world).tolist()
-        recv_x, recv_counts = comm.all_to_all_rows(take_rows(x_local, send_order), send_counts,
-                                                   out_device=device)
-        recv_super = comm.all_to_all_rows_known(res.super_local[send_order], send_counts, recv_counts)
+        plan = RoutePlan(res.super_local, owners, m)
+        recv_x = plan.send_rows(x_local, device, route_chunk_bytes)  # on device, sorted by super
     seconds["route"] = timer.seconds
 
     with Timer() as timer:
-        recv_sub = torch.full((len(recv_super),), -1, dtype=torch.int64)
-        by_super = torch.argsort(recv_super, stable=True)
-        bounds = torch.searchsorted(recv_super[by_super], torch.arange(m + 1)).tolist()
+        recv_sub = torch.full((len(recv_x),), -1, dtype=torch.int64)
         for s in mine:
             n_s = int(res.super_sizes[s])
             if n_s == 0:
                 continue  # every member sees the same global size and skips together
-            rows = by_super[bounds[s]:bounds[s + 1]]
-            sub = kmeans(recv_x[rows.to(device)], min(kpm, n_s), niter, seed * 1_000_003 + s + 1, device,
+            lo, hi = plan.bounds[s], plan.bounds[s + 1]
+            sub = kmeans(recv_x[lo:hi], min(kpm, n_s), niter, seed * 1_000_003 + s + 1, device,
                          backend, groups[s], init_samples_per_rank, level_log(2, s), poll=poll)
-            recv_sub[rows] = s * kpm + sub.assign_local
+            recv_sub[lo:hi] = s * kpm + sub.assign_local
             res.centroids_sub[s], res.level2[s] = sub.centroids, sub
             if comm.group_rank(groups[s]) == 0:
                 level2_stats += torch.tensor([sub.empty_resplit, sub.final_objective], dtype=torch.float64)
@@ -178,8 +159,5 @@ def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, device, back
     seconds["level2"] = timer.seconds
 
     with Timer() as timer:
-        back = comm.all_to_all_rows_known(recv_sub, recv_counts, send_counts)
-        sub_local = torch.empty_like(res.super_local)
-        sub_local[send_order] = back
-        res.sub_local = sub_local
+        res.sub_local = plan.return_labels(recv_sub)
     seconds["return"] = timer.seconds

@@ -60,14 +60,30 @@ def _whitened_buffer(n: int, dim: int, device: torch.device, cfg, round_idx: int
     return np.memmap(path, dtype=np.float32, mode="w+", shape=(n, dim)), path
 
 
+def _whiten_in_place(features, dim: int, device: torch.device, cfg):
+    """A [n, dim] view over the features' own memory, for whitening in place (PCA.apply reads each
+    chunk before writing it, and writes row i at or before where row i was read), or None.
+
+    Used when the caller gives its features up (overwrite_features): the paper's 1.5M x 4096 floats
+    per rank then exist once in RAM, not twice. Not on a GPU run whose whitened rows fit the GPU
+    budget (memmap_gb): there they go to the GPU, where the k-means reads them fastest."""
+    n = int(features.shape[0])
+    fits_gpu = device.type == "cuda" and n * dim * 4 <= cfg.memmap_gb * 2**30
+    usable = (isinstance(features, torch.Tensor) and features.device.type == "cpu" and features.is_contiguous()
+              and features.dtype == torch.float32 and dim <= features.shape[1])
+    return features.view(-1)[: n * dim].view(n, dim) if usable and not fits_gpu else None
+
+
 def _as_str_keys(keys) -> np.ndarray:
     keys = np.asarray(keys)
     return keys.astype(str) if keys.dtype.kind not in "U" else keys
 
 
 def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_dir, logger, seed: int,
-                   device: torch.device, prev: Optional[ClusterState] = None, poll=NO_POLL) -> ClusterState:
-    """PCA -> level 1 -> route -> level 2 -> return, metrics events, round files. Collective."""
+                   device: torch.device, prev: Optional[ClusterState] = None, poll=NO_POLL,
+                   overwrite_features: bool = False) -> ClusterState:
+    """PCA -> level 1 -> route -> level 2 -> return, metrics events, round files. Collective.
+    overwrite_features=True lets the whitening reuse the features' memory (they are garbage after)."""
     c = cfg_cluster
     keys = _as_str_keys(keys_local)
     if features_local.ndim != 2 or len(keys) != features_local.shape[0]:
@@ -78,7 +94,7 @@ def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_
             res = hierarchical_kmeans(torch.zeros(len(keys), 1), 1, 1, 0, seed, device)
             pca = None
         else:
-            pca, res = _pca_and_kmeans(features_local, c, round_idx, logger, seed, device, poll)
+            pca, res = _pca_and_kmeans(features_local, c, round_idx, logger, seed, device, poll, overwrite_features)
     state = ClusterState(keys=keys, super=res.super_local.numpy(), sub=res.sub_local.numpy(),
                          sub_sizes=res.sub_sizes.numpy(), super_sizes=res.super_sizes.numpy(),
                          round_idx=round_idx, k=c.k, m=c.m)
@@ -88,10 +104,14 @@ def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_
     return state
 
 
-def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device: torch.device, poll):
+def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device: torch.device, poll,
+                    overwrite: bool):
     with Timer() as timer:
         pca = fit_pca(features_local, c.pca_dim, c.pca_eps, device, poll=poll)
-        buf, memmap_path = _whitened_buffer(features_local.shape[0], c.pca_dim, device, c, round_idx)
+        buf = _whiten_in_place(features_local, c.pca_dim, device, c) if overwrite else None
+        memmap_path = None
+        if buf is None:
+            buf, memmap_path = _whitened_buffer(features_local.shape[0], c.pca_dim, device, c, round_idx)
         x = pca.apply(features_local, device, out=buf, poll=poll)
     logger.event("pca", round=round_idx, seconds=timer.seconds, n=pca.count, dim=pca.dim,
                  explained_variance=pca.explained_variance, floored=pca.n_floored,
@@ -102,7 +122,8 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
                      objective=objective, seconds=seconds)
     try:
         res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, device, c.backend, log=log_iteration,
-                                  init_samples_per_rank=c.init_samples_per_rank, poll=poll)
+                                  init_samples_per_rank=c.init_samples_per_rank, poll=poll,
+                                  route_chunk_bytes=c.route_chunk_mb << 20)
     finally:
         del x, buf
         if memmap_path is not None:
