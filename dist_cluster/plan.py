@@ -7,10 +7,12 @@
 Pure arithmetic over the formulas below (`plan(PlanInputs) -> list[StageRow]`), per rank r of W,
 n = ceil(N / W) images per rank, D = feature dim, d = PCA dim, S = rotations x m heads:
   EXTRACT  features n x D float32, in RAM, or a local memmap above cluster.memmap_gb (GiB)
-  PCA      all_reduce of D x D + D + 1 float64 moments; whitened n x d float32 on the GPU
-           (memmap when above memmap_gb); eigh workspace and D x d projection in float64
+  PCA      all_reduce of D x D + D + 1 float64 moments; whitened n x d float32 on the GPU when
+           within memmap_gb, else written in place over the features (no second copy); eigh
+           workspace and D x d projection in float64
   LEVEL1   per iteration: E-step n x m x d, all_reduce of m x d + m + 1 float64 over W ranks
-  ROUTE    all_to_all of the n x d whitened rows (received rows in RAM, plus the send copy)
+  ROUTE    all_to_all of the n x d whitened rows in rounds of route_chunk_mb each way, into one
+           n x d receive buffer on the GPU ordered by super-cluster (cluster/route.py)
   LEVEL2   per iteration: E-step n x (k/m) x d, all_reduce of (k/m) x d + k/m + 1 float64
            inside the group owning each super-cluster (W/m ranks, or one rank for W < m)
   RETURN   all_to_all of n int64 labels; RUN/clusters/round_<r>/ written (keys, ids, centroids)
@@ -66,6 +68,7 @@ class PlanInputs:
     key_chars: int = 11  # characters of a sample key (YFCC photo ids); assignment files store them
     workers: int = 10  # loader workers per rank
     bf16: bool = True  # activations in bf16 under autocast
+    route_chunk_mb: int = 256  # cluster.route_chunk_mb: one routing round, each way
 
     def __post_init__(self):
         self.images, self.gpus = int(self.images), int(self.gpus)
@@ -144,9 +147,10 @@ def _features(p: PlanInputs, s: Shape) -> tuple[float, float, str]:
 
 
 def _whitened(p: PlanInputs, s: Shape) -> tuple[float, float]:
-    """(GPU bytes, disk bytes) of the n x d whitened features."""
+    """(GPU bytes, extra disk bytes) of the n x d whitened features: on the GPU within memmap_gb,
+    else in place over the features (cluster/stage.py _whiten_in_place): nothing extra."""
     nbytes = s.n * s.d * 4
-    return (nbytes, 0.0) if nbytes <= p.memmap_gb * GiB else (0.0, nbytes)
+    return (nbytes, 0.0) if nbytes <= p.memmap_gb * GiB else (0.0, 0.0)
 
 
 def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
@@ -167,26 +171,27 @@ def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
                    disk_bytes=f_disk + w_disk, net_bytes_round=pca_net,
                    seconds_round=pca_flop / r.pca_flops.value + pca_net / bw,
                    notes=[f"all_reduce {moments / 1e6:.1f} MB of float64 moments",
-                          f"whitened {s.n} x {d} on {'GPU' if w_gpu else 'local memmap'}"])
+                          f"whitened {s.n} x {d} {'on the GPU' if w_gpu else 'in place over the features'}"])
     chunk = min(E_STEP_CHUNK_ELEMENTS // d, s.n)  # rows of one E-step distance tile
     l1_net = p.niter * ring((p.m * d + p.m + 1) * 8, W)
     level1 = StageRow("level1", gpu_bytes=w_gpu + p.m * d * 4 + (p.m * d + p.m + 1) * 8 + chunk * p.m * 4,
                       ram_bytes=f_ram, disk_bytes=f_disk + w_disk, net_bytes_round=l1_net,
                       seconds_round=p.niter * s.n * p.m * d * r.kmeans_s_pcd.value + l1_net / bw,
                       notes=[f"{p.niter} iterations, m={p.m} over {W} ranks"])
-    route = StageRow("route", gpu_bytes=w_gpu, ram_bytes=f_ram + 2 * routed, disk_bytes=f_disk + w_disk,
-                     net_bytes_round=routed, seconds_round=routed / bw,
-                     notes=[f"all_to_all {routed / 1e9:.2f} GB per rank"])
+    rounds_buf = 2 * min(p.route_chunk_mb * 2**20, routed)  # one round's send + receive buffers
+    route = StageRow("route", gpu_bytes=w_gpu + routed + rounds_buf, ram_bytes=f_ram + rounds_buf,
+                     disk_bytes=f_disk + w_disk, net_bytes_round=routed, seconds_round=routed / bw,
+                     notes=[f"all_to_all {routed / 1e9:.2f} GB per rank, in rounds of {p.route_chunk_mb} MiB"])
     sums = (s.sub * d + s.sub + 1) * 8
     l2_net = p.niter * ring(sums, s.level2_group) * s.supers_per_rank
-    level2 = StageRow("level2", gpu_bytes=w_gpu + s.supers_per_rank * s.sub * d * 4 + sums + chunk * s.sub * 4,
-                      ram_bytes=f_ram + routed, disk_bytes=f_disk + w_disk, net_bytes_round=l2_net,
+    level2 = StageRow("level2", gpu_bytes=w_gpu + routed + s.supers_per_rank * s.sub * d * 4 + sums + chunk * s.sub * 4,
+                      ram_bytes=f_ram, disk_bytes=f_disk + w_disk, net_bytes_round=l2_net,
                       seconds_round=p.niter * s.n * s.sub * d * r.kmeans_s_pcd.value + l2_net / bw2,
                       notes=[f"k/m={s.sub} per super-cluster, groups of {s.level2_group} rank(s) "
                           f"({'NVLink' if bw2 == r.intra_bytes_s.value else 'network'}), "
                           f"{s.supers_per_rank} super-cluster(s) per rank"])
     cluster_files = p.images * (16 + 4 * p.key_chars) + (p.k + p.m) * d * 4 + (D * d + D) * 8
-    ret = StageRow("return", ram_bytes=f_ram + routed, disk_bytes=f_disk, net_bytes_round=s.n * 8,
+    ret = StageRow("return", gpu_bytes=routed, ram_bytes=f_ram + s.n * 8 * 3, disk_bytes=f_disk, net_bytes_round=s.n * 8,
                    storage_bytes=cluster_files * s.rounds, seconds_round=s.n * 8 / bw,
                    notes=[f"RUN/clusters: {cluster_files / 1e9:.2f} GB per round (keys, labels, centroids)"])
     rows = [extract, pca, level1, route, level2, ret]

@@ -57,11 +57,14 @@ def test_small_plan_by_hand():
     assert l1.seconds_round == pytest.approx(3 * 250 * 2 * 8 * 1e-6 + 684 / 1e9)
 
     route = rows["route"]
+    # routed rows: one receive buffer on the GPU; in flight one round (here all of it) each way
     assert (route.net_bytes_round, route.ram_bytes) == (250 * 8 * 4, 16000 + 2 * 8000)
+    assert route.gpu_bytes == 8000 + 8000 + 2 * 8000
 
     l2 = rows["level2"]  # groups of 2 ranks (4 ranks / m = 2), all_reduce (4*8 + 4 + 1) float64
     assert l2.net_bytes_round == pytest.approx(3 * 1.0 * 37 * 8)
-    assert l2.gpu_bytes == 8000 + 4 * 8 * 4 + 37 * 8 + 250 * 4 * 4
+    assert l2.gpu_bytes == 8000 + 8000 + 4 * 8 * 4 + 37 * 8 + 250 * 4 * 4  # + the routed rows
+    assert l2.ram_bytes == 16000  # the features only: no host copy of the routed rows
     assert l2.seconds_round == pytest.approx(3 * 250 * 4 * 8 * 1e-6 + 888 / 1e9)
 
     ret = rows["return"]
@@ -84,7 +87,8 @@ def test_memmap_switch_and_network_bound_step():
     """Features above memmap_gb go to local disk; a slow network makes DDP the bound of a step."""
     rows = {r.stage: r for r in plan(small_inputs(memmap_gb=1e-6), round_rates(intra_bytes_s=1e6))}
     assert (rows["extract"].ram_bytes, rows["extract"].disk_bytes) == (0, 16000)
-    assert (rows["pca"].gpu_bytes, rows["pca"].disk_bytes) == (2184 + 2048 + 1024, 16000 + 8000)
+    # whitened in place over the features (cluster/stage.py): no second file
+    assert (rows["pca"].gpu_bytes, rows["pca"].disk_bytes) == (2184 + 2048 + 1024, 16000)
     replicated = SMALL_P + 136
     assert rows["train"].seconds_round == pytest.approx(25 * (1.5 * replicated * 4 / 1e6 + 1440 / 1e6))
 
