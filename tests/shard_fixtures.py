@@ -19,7 +19,13 @@ from PIL import Image
 from dist_cluster.manifest import Manifest, ShardInfo
 
 
-SIGNATURE = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff\xe0"}
+def image_header(data: bytes, fmt: str) -> bytes:
+    """The leading bytes of an encoded image up to its size field included (PNG: signature + IHDR
+    chunk; JPEG: up to the end of the SOF segment): what the reader checks before decoding."""
+    if fmt == "png":
+        return data[:33]
+    sof = data.index(b"\xff\xc0")
+    return data[:sof + 2 + int.from_bytes(data[sof + 2:sof + 4], "big")]
 
 
 def sample_key(shard: int, index: int) -> str:
@@ -78,7 +84,7 @@ def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int
                 broken_body_keys: Iterable[str] = ()) -> FixtureShards:
     """num_shards tars of random size x size images (gray: 1 channel stored); the *_keys samples are
     written broken (garbage image bytes / no image member / a non-integer .cls / the format's
-    signature then garbage: only decoding finds it) but still counted in the manifest, as a builder
+    header, size included, then garbage: only decoding finds it) but still counted in the manifest, as a builder
     that did not notice would."""
     counts = [per_shard] * num_shards if isinstance(per_shard, int) else list(per_shard)
     corrupt, missing, bad_label = set(corrupt_keys), set(missing_image_keys), set(bad_label_keys)
@@ -95,7 +101,7 @@ def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int
             if key in corrupt:
                 image = b"\x89PNG garbage" + rng.bytes(200)
             if key in broken_body:
-                image = SIGNATURE[fmt] + rng.bytes(200)
+                image = image_header(image, fmt) + rng.bytes(200)
             label = int(rng.integers(0, 10))
             label_bytes = (b"seven" if key in bad_label else str(label).encode()) if labels else None
             samples.append((key, None if key in missing else image, label_bytes))
