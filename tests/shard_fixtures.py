@@ -115,6 +115,33 @@ def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int
     return out
 
 
+def make_class_shards(root: str | Path, num_shards: int, per_shard: int, size: int = 28, num_classes: int = 10,
+                      seed: int = 0) -> FixtureShards:
+    """Grayscale PNGs in `num_classes` visual classes, like a small Fashion-MNIST built here: each
+    image is its class's coarse template (7 x 7 blocks, scaled up) shifted by up to 2 px, plus
+    noise. Clusters, training and resume then have structure to work with, and no dataset has to
+    be installed for the end-to-end tests."""
+    rng = np.random.default_rng(seed)
+    cell = -(-size // 7)
+    templates = [np.kron(rng.integers(0, 256, (7, 7)), np.ones((cell, cell)))[:size, :size]
+                 for _ in range(num_classes)]
+    out = FixtureShards(Path(root), None, [])
+    all_shards = []
+    for shard in range(num_shards):
+        samples = []
+        for index in range(per_shard):
+            key, label = sample_key(shard, index), int(rng.integers(0, num_classes))
+            shifted = np.roll(templates[label], tuple(rng.integers(-2, 3, 2)), axis=(0, 1))
+            pixels = np.clip(0.75 * shifted + 0.25 * rng.integers(0, 256, (size, size)), 0, 255).astype(np.uint8)
+            samples.append((key, encode_image(pixels, "png"), str(label).encode()))
+            out.keys.append(key)
+            out.labels[key], out.images[key], out.shard_of[key] = label, np.repeat(pixels[..., None], 3, 2), shard
+        all_shards.append(samples)
+    out.manifest = write_shards(root, all_shards, name="classes", fmt="png", has_labels=True,
+                                classes=[f"class{c}" for c in range(num_classes)])
+    return out
+
+
 def truncate_file(path: str | Path, keep_fraction: float) -> int:
     """Cut a file to keep_fraction of its bytes (a copy interrupted mid-way); returns the new size."""
     path = Path(path)
