@@ -32,6 +32,9 @@ class DataConfig:
     # epoch, naming it; True: read what is there, count the shortfall (truncated_shards, lost_truncated)
     allow_short_shards: bool = False
     decode: str = "cpu"  # cpu: loader workers decode JPEGs | device: workers ship bytes, the run's device decodes
+    # images whose header declares more pixels are skipped undecoded (counted: skipped_too_large), so
+    # a 389 kB PNG of 20000 x 20000 cannot take 1.2 GB per worker; 0: no limit. 50e6 ~ 7000 x 7000
+    max_image_pixels: int = 50_000_000
 
 
 @dataclass
@@ -178,6 +181,7 @@ def _validate_ranges(cfg: DictConfig) -> None:
     _check(cfg.dist.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {cfg.dist.timeout_s}")
     _check(c.niter >= 1, "cluster.niter", f"must be >= 1, got {c.niter}")
     _check(c.memmap_gb >= 0, "cluster.memmap_gb", f"must be >= 0 (0: always a memmap), got {c.memmap_gb}")
+    _check(d.max_image_pixels >= 0, "data.max_image_pixels", f"must be >= 0 (0: no limit), got {d.max_image_pixels}")
     _check(d.max_samples >= 0, "data.max_samples", f"must be >= 0 (0: all), got {d.max_samples}")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0 (0 or 1: no buffer), got {d.shuffle_buffer}")
     _check(0 < d.min_scale <= 1, "data.min_scale", f"must be in (0, 1], got {d.min_scale}")

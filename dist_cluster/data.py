@@ -25,7 +25,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from . import comm
-from .data_worker import STAT_KEYS, WorkerReader
+from .data_worker import DEFAULT_MAX_PIXELS, STAT_KEYS, WorkerReader
 from .device_decode import DeviceDecoder
 from .manifest import Manifest, ShardInfo, load_manifest
 
@@ -167,6 +167,8 @@ class ShardLoader:
     decode="device": the workers batch JPEGs undecoded and the main process decodes them on `device`
     (CPU when None), same samples and augmentations (dist_cluster/device_decode.py); a JPEG that
     fails there leaves its batch short.
+    max_image_pixels: images whose header declares more pixels are skipped before decoding (0: no
+    limit); labels outside [0, len(manifest.classes)) too; both counted (data_worker.skip_reason).
     len(loader) is the epoch's batch count; iteration yields len(loader) - skip_batches of them.
     """
 
@@ -175,7 +177,7 @@ class ShardLoader:
                  equal_steps: bool = True, skip_batches: int = 0, shuffle_buffer: int = 1000,
                  max_samples: int = 0, pin_memory: bool = False, mp_context: Optional[str] = None,
                  device: Optional[torch.device] = None, allow_short_shards: bool = False,
-                 decode: str = "cpu"):
+                 decode: str = "cpu", max_image_pixels: int = DEFAULT_MAX_PIXELS):
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         if decode not in ("cpu", "device"):
@@ -198,7 +200,8 @@ class ShardLoader:
         self.cfg = dict(root=str(shard_dir), rank=rank, world=world, batch_size=batch_size, seed=seed,
                         shuffle=shuffle, shuffle_buffer=shuffle_buffer, equal_steps=equal_steps,
                         has_labels=self.manifest.has_labels, finish_in_worker=device is None,
-                        allow_short_shards=allow_short_shards, decode=decode)
+                        allow_short_shards=allow_short_shards, decode=decode,
+                        num_classes=len(self.manifest.classes), max_image_pixels=int(max_image_pixels))
         # a row per worker, written by that worker; the last row: the main process (device decode)
         self._counters = torch.zeros(len(self.plans) + 1, len(STAT_KEYS), dtype=torch.int64).share_memory_()
         self.set_epoch(epoch, skip_batches)
@@ -268,7 +271,7 @@ def make_loader(cfg_data, shard_dir: str, rank: int, world: int, transform: Call
                        shuffle=train, equal_steps=train, skip_batches=skip_batches,
                        shuffle_buffer=cfg_data.shuffle_buffer, max_samples=cfg_data.max_samples, pin_memory=cuda,
                        device=device if cuda or on_device else None, allow_short_shards=cfg_data.allow_short_shards,
-                       decode=cfg_data.decode)
+                       decode=cfg_data.decode, max_image_pixels=cfg_data.max_image_pixels)
 
 
 def reduce_stats(stats: dict, group=None) -> dict:

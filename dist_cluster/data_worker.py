@@ -7,7 +7,10 @@ With decode="device" the stream is the same up to the batch, but JPEGs are not d
 batch carries their bytes (EncodedBatch) and the main process decodes them on the run's device
 (dist_cluster/device_decode.py). Other formats (PNG...) are still decoded and transformed here.
 
-Corrupt samples are counted, never raised. A shard with fewer samples than its manifest count (a
+Corrupt samples are counted, never raised, and so are two kinds of hostile ones, found before any
+pixel is decoded: an image whose header declares more than data.max_image_pixels (a decompression
+bomb: 389 kB of PNG can ask for 1.2 GB), and a .cls outside [0, number of manifest classes) (a
+supervised loss indexes its logits with it). A shard with fewer samples than its manifest count (a
 cut tar, or a manifest that over-counts: the reader cannot tell them apart) raises ShortShardError,
 or with data.allow_short_shards is counted too. The counters live in a shared-memory tensor so the
 main process (ShardLoader.stats in dist_cluster/data.py) sees them:
@@ -15,6 +18,7 @@ main process (ShardLoader.stats in dist_cluster/data.py) sees them:
     skipped_corrupt   no image / undecodable / bad .cls  truncated_shards tars that ended early
     lost_truncated    manifest count - samples read      refilled         samples from a second pass
     skipped_resume    raw samples passed over by skip_batches (never decoded)
+    skipped_too_large header over max_image_pixels   skipped_bad_label .cls outside the classes
 Device mode: `decoded` also counts the JPEGs passed on undecoded; those the main process then cannot
 decode move from `samples` to `skipped_corrupt` (its own row of the counters).
 """
@@ -35,8 +39,12 @@ from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
+from .image_header import image_pixels
+
 STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_truncated",
-             "refilled", "skipped_resume")
+             "refilled", "skipped_resume", "skipped_too_large", "skipped_bad_label")
+SKIP_KEYS = ("skipped_corrupt", "skipped_too_large", "skipped_bad_label")  # why a sample was dropped
+DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000: 150 MB as RGB uint8; data.max_image_pixels
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # jpeg, png, gif (+ webp below)
 JPEG_MAGIC = _MAGIC[0]
@@ -134,14 +142,34 @@ def _parse_label(sample: dict, has_labels: bool) -> Optional[int]:
         return None
 
 
-def looks_decodable(sample: dict, has_labels: bool) -> bool:
-    """The checks of decode_sample short of decoding pixels: image member with a known signature,
-    a valid label. Resume skips with it, so a skipped prefix drops the same corrupt samples as a
-    full read, except images with a valid header and a broken body (seen only by decoding)."""
+def skip_reason(sample: dict, has_labels: bool, num_classes: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[str]:
+    """The counter (SKIP_KEYS) a sample is dropped under, from what can be checked without decoding
+    pixels; None when it looks decodable. num_classes: labels must be in [0, num_classes) (0: the
+    manifest lists no classes, only negatives are refused). max_pixels: 0 for no limit."""
     data = _image_bytes(sample)
-    if data is None or _parse_label(sample, has_labels) is None:
-        return False
-    return data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    label = _parse_label(sample, has_labels)
+    if data is None or label is None:
+        return "skipped_corrupt"
+    if not (data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")):
+        return "skipped_corrupt"
+    if has_labels and (label < 0 or 0 < num_classes <= label):
+        return "skipped_bad_label"
+    if max_pixels > 0:
+        pixels = image_pixels(data)
+        if pixels is None:  # a signature but no readable size: the decoder's size is unknown too
+            return "skipped_corrupt"
+        if pixels > max_pixels:
+            return "skipped_too_large"
+    return None
+
+
+def looks_decodable(sample: dict, has_labels: bool, num_classes: int = 0,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """The checks of decode_sample short of decoding pixels (skip_reason). Resume skips with them,
+    so a skipped prefix drops the same samples as a full read, except images with a valid header
+    and a broken body (seen only by decoding)."""
+    return skip_reason(sample, has_labels, num_classes, max_pixels) is None
 
 
 def check_same_shape(images) -> None:
@@ -160,10 +188,16 @@ def seeded_per_sample(per_sample: Callable, image: torch.Tensor, seed: int, epoc
     return per_sample(image)
 
 
-def decode_sample(sample: dict, has_labels: bool) -> Optional[tuple[torch.Tensor, int]]:
-    """(uint8 RGB [3,H,W], label) or None for a corrupt sample (no image, undecodable, bad .cls)."""
-    if not looks_decodable(sample, has_labels):
+def decode_sample(sample: dict, has_labels: bool, num_classes: int = 0,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[tuple[torch.Tensor, int]]:
+    """(uint8 RGB [3,H,W], label) or None for a sample to skip (skip_reason, or undecodable)."""
+    if skip_reason(sample, has_labels, num_classes, max_pixels) is not None:
         return None
+    return _decode_checked(sample, has_labels)
+
+
+def _decode_checked(sample: dict, has_labels: bool) -> Optional[tuple[torch.Tensor, int]]:
+    """decode_sample once skip_reason has passed the sample: the only place pixels are decoded."""
     label = _parse_label(sample, has_labels)
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders on every call
@@ -236,12 +270,14 @@ class WorkerReader:
             if last_good_pass is None:
                 last_good_pass = sample["__pass__"] - 1
             if sample["__pass__"] > last_good_pass + 1:  # a whole pass without one good sample
+                skipped = ", ".join(f"{k}={stats[k]}" for k in SKIP_KEYS)
                 raise RuntimeError(f"rank {c['rank']}: a full pass over a worker's shards gave no decodable "
-                                   f"sample ({stats['skipped_corrupt']} corrupt); cannot fill the epoch")
-            decoded = self._decode(sample)
+                                   f"sample ({skipped}); cannot fill the epoch")
+            reason = self._skip_reason(sample)
+            decoded = None if reason else self._decode(sample)
             stats["decoded"] += 1  # device mode: a JPEG is counted here, decoded in the main process
             if decoded is None:
-                stats["skipped_corrupt"] += 1
+                stats[reason or "skipped_corrupt"] += 1
                 continue
             last_good_pass = sample["__pass__"]
             image, label = decoded
@@ -252,14 +288,18 @@ class WorkerReader:
                                               sample["__pass__"])
             yield image, sample["__key__"], label, sample["__pass__"]
 
+    def _skip_reason(self, sample: dict) -> Optional[str]:
+        c = self.cfg
+        return skip_reason(sample, c["has_labels"], c["num_classes"], c["max_image_pixels"])
+
     def _decode(self, sample: dict) -> Optional[tuple]:
-        """decode_sample, except in device mode where a JPEG stays bytes (its header checked)."""
+        """A sample _skip_reason passed, decoded; in device mode a JPEG stays bytes (the header
+        checks, pixel limit included, are done: the main process decodes it as it comes)."""
         has_labels = self.cfg["has_labels"]
-        if self.cfg["decode"] == "device" and looks_decodable(sample, has_labels):
-            data = _image_bytes(sample)
-            if data.startswith(JPEG_MAGIC):
-                return data, _parse_label(sample, has_labels)
-        return decode_sample(sample, has_labels)
+        data = _image_bytes(sample)
+        if self.cfg["decode"] == "device" and data.startswith(JPEG_MAGIC):
+            return data, _parse_label(sample, has_labels)
+        return _decode_checked(sample, has_labels)
 
     def _batches(self, slot: dict, stats: dict) -> Iterator[tuple]:
         c, batch_size = self.cfg, self.cfg["batch_size"]
@@ -272,10 +312,11 @@ class WorkerReader:
             if sample is None:
                 break
             stats["skipped_resume"] += 1
-            if looks_decodable(sample, c["has_labels"]):
+            reason = self._skip_reason(sample)
+            if reason is None:
                 to_skip -= 1
             else:
-                stats["skipped_corrupt"] += 1
+                stats[reason] += 1
         made, items = slot["skip_batches"], []
         for item in self._good_samples(raw, stats):
             items.append(item)

@@ -14,6 +14,10 @@ from the CPU generator even for a CUDA tensor). On device=cpu the output equals 
 on CUDA it is close, not bitwise: nvjpeg is not libjpeg-turbo, and v2 resizes uint8 CUDA images in
 float where the CPU has a uint8 kernel.
 
+The workers have already applied the header checks (data_worker.skip_reason): no JPEG over
+data.max_image_pixels and no label outside the manifest's classes reaches this process, so those
+are skipped and counted (skipped_too_large, skipped_bad_label) exactly as in decode=cpu.
+
 A JPEG that fails to decode (valid header, broken body) is dropped from its batch, which is then
 short, and counted in skipped_corrupt, as decode=cpu counts it (where the worker refills the batch
 instead). Resume is exact here: batches are made before decoding, so skip_batches replays them.

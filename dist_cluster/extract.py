@@ -2,14 +2,14 @@
 pre-ReLU penultimate features of its images, with their keys, for the clustering stage.
 
 Features stay on the rank that read the images (brief: no stage funnels data through one rank).
-They live in RAM, or in a memmap on local disk when they exceed `cluster.memmap_gb` per rank.
+They live in RAM, or in a memmap on local disk when they exceed `cluster.memmap_gb` per rank
+(scratch.private_memmap: its file is unlinked at once, so its space is freed with the returned
+tensor, after a completed round as after an exception; nothing is left in cluster.memmap_dir).
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,15 +17,17 @@ import torch
 from . import distributed
 from .logger import progress
 from .preemption import NO_POLL
+from .scratch import private_memmap
 
 
 def feature_buffer(rows: int, dim: int, memmap_gb: float, memmap_dir: str, tag: str):
-    """A float32 [rows, dim] buffer: a torch tensor in RAM, or a torch view of a local-disk memmap."""
+    """(float32 [rows, dim] buffer, memmap path for logs or None): a torch tensor in RAM, or a torch
+    view of a private local-disk memmap (scratch.private_memmap: already unlinked, freed with it)."""
     nbytes = rows * dim * 4
     if nbytes <= memmap_gb * 2**30:
         return torch.empty(rows, dim, dtype=torch.float32), None
-    path = Path(memmap_dir) / f"dist_cluster_feats.{tag}.rank{distributed.rank()}.{os.getpid()}.f32"
-    array = np.memmap(path, dtype=np.float32, mode="w+", shape=(rows, dim))
+    array = private_memmap(memmap_dir, f"feats.{tag}.rank{distributed.rank()}.f32", (rows, dim))
+    path = getattr(array, "filename", None) or memmap_dir
     distributed.print0(f"extract: {nbytes / 2**30:.1f} GiB of features per rank -> memmap {path}")
     return torch.from_numpy(array), path
 
@@ -44,7 +46,7 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
 
     `max_rows` bounds the rows (the rank's samples in the manifest); corrupt samples skipped by the
     loader make n smaller, never larger. `poll` (preemption.UnevenLoopPoll) is stepped once per
-    batch and finished after the last one; when it raises, the memmap (if any) is removed.
+    batch and finished after the last one; when it raises, the memmap (if any) is released.
     """
     was_training = trunk.training
     trunk.eval()
@@ -66,9 +68,7 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
             poll.step()
         poll.finish()
     except BaseException:
-        if memmap_path is not None:
-            del feats
-            memmap_path.unlink(missing_ok=True)
+        del feats  # the traceback keeps this frame: drop the mapping now, not when the exception dies
         raise
     trunk.train(was_training)
     seconds = time.perf_counter() - start

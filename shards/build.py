@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from shards.images import IMAGE_EXTS, ImageSettings  # noqa: E402
 from shards.pipeline import build  # noqa: E402
 from shards.sources import BuildError, FmnistSource, FolderSource  # noqa: E402
+from shards.fetch import DEFAULT_MAX_BYTES  # noqa: E402
 from shards.yfcc import LAYOUTS, YfccColumns, YfccSource, urllib_fetch  # noqa: E402
 
 
@@ -63,9 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for column in ("line", "photo_id", "url", "marker"):
         yfcc.add_argument(f"--col-{column.replace('_', '-')}", type=int, default=getattr(defaults, column),
                           help=f"0-based metadata column of the {column} (default %(default)s)")
-    yfcc.add_argument("--fetcher", help="module:function called as fetch(url) -> bytes (layout url)")
-    yfcc.add_argument("--fetch-timeout", type=float, default=10.0)
+    yfcc.add_argument("--fetcher", help="module:function called as fetch(url) -> bytes (layout url), instead of "
+                                        "the built-in one (then --fetch-timeout/--max-bytes/--fetch-retries are "
+                                        "its own business); only ever read from this command line")
+    yfcc.add_argument("--fetch-timeout", type=float, default=10.0,
+                      help="seconds per URL in all: connection, redirects, body, retries (default %(default)s)")
     yfcc.add_argument("--fetch-retries", type=int, default=3)
+    yfcc.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                      help="larger responses are aborted, counted as fetch_error (default %(default)s)")
+    yfcc.add_argument("--fetch-workers", type=int, default=8,
+                      help="URLs fetched at once by each --workers process (default %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -73,7 +81,19 @@ def load_fetcher(spec: str):
     module_name, _, attribute = spec.partition(":")
     if not attribute:
         raise BuildError(f"--fetcher must be module:function, got {spec!r}")
-    return getattr(importlib.import_module(module_name), attribute)
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise BuildError(f"--fetcher {spec}: {err}") from None
+
+
+def url_fetcher(args: argparse.Namespace, fetcher: str | None):
+    """The fetch function of a url build: `fetcher` (module:function, from a command line) or the
+    built-in urllib_fetch with the command's limits. Options saved before --max-bytes get its default."""
+    if fetcher:
+        return load_fetcher(fetcher)
+    return functools.partial(urllib_fetch, timeout=args.fetch_timeout, retries=args.fetch_retries,
+                             max_bytes=getattr(args, "max_bytes", DEFAULT_MAX_BYTES))
 
 
 def make_source(args: argparse.Namespace):
@@ -82,10 +102,8 @@ def make_source(args: argparse.Namespace):
     if args.source == "folder":
         return FolderSource(args.src, labels=args.labels, limit=args.limit)
     columns = YfccColumns(args.col_line, args.col_photo_id, args.col_url, args.col_marker)
-    fetch = (load_fetcher(args.fetcher) if args.fetcher else
-             functools.partial(urllib_fetch, timeout=args.fetch_timeout, retries=args.fetch_retries))
     return YfccSource(args.metadata, images=args.images, layout=args.layout, columns=columns,
-                      fetch=fetch, limit=args.limit)
+                      fetch=url_fetcher(args, args.fetcher), limit=args.limit, fetch_workers=args.fetch_workers)
 
 
 def main(argv=None) -> int:

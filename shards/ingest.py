@@ -8,8 +8,12 @@
 
 plan   counts the metadata lines once and writes DIR/ingest_plan.json: T contiguous slices
        [start, stop) covering every line exactly once (empty slices when T > lines), and every
-       build option (the same options as `shards/build.py yfcc`), so `run` needs only DIR and I.
-       --submit sends `run` for every task as one submitit job array (--dry-run prints it).
+       build option (the same options as `shards/build.py yfcc`), so `run` needs only DIR and I,
+       except --fetcher: the plan holds data, never code (whoever can write DIR must not choose
+       what the tasks import), so a custom fetcher is given on each task's own command line,
+       `run DIR --fetcher module:function`; a plan naming one is refused.
+       --submit sends `run` for every task as one submitit job array (--dry-run prints it); the
+       --fetcher of the `plan` command then travels with the submitted job, not in the plan.
 run    builds slice I into DIR/part-<I>/ (yfcc-<I>-NNNNNN.tar + manifest.json) with shards.build;
        running it again reuses the complete shards, so a requeued or repeated task resumes.
        Undecodable, missing, too small (--min-side) images are counted in the part's manifest.
@@ -23,7 +27,6 @@ merge  drops repeated photo ids across all parts, keeping the first (in part, sh
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -40,12 +43,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from dist_cluster.manifest import Manifest, ShardInfo, load_manifest  # noqa: E402
 from dist_cluster.slurm import ResumableJob  # noqa: E402
-from shards.build import load_fetcher, parse_args as build_parse_args  # noqa: E402
+from shards.build import load_fetcher, parse_args as build_parse_args, url_fetcher  # noqa: E402
 from shards.images import ImageSettings  # noqa: E402
 from shards.pipeline import BuildReport, build  # noqa: E402
 from shards.sources import BuildError  # noqa: E402
 from shards.writer import sample_key  # noqa: E402
-from shards.yfcc import YfccColumns, YfccSource, open_text, urllib_fetch  # noqa: E402
+from shards.yfcc import YfccColumns, YfccSource, open_text  # noqa: E402
 
 PLAN_FILE = "ingest_plan.json"
 DEDUP_PREFIX = "dedup-"
@@ -81,6 +84,7 @@ def write_plan(out_dir: str | Path, build_args: argparse.Namespace, tasks: int) 
         lines = min(lines, build_args.limit)
     options = dict(vars(build_args), metadata=str(metadata), out=str(Path(out_dir).resolve()),
                    images=str(Path(build_args.images).resolve()) if build_args.images else None)
+    options.pop("fetcher", None)  # code is named on the tasks' command lines only (module docstring)
     plan = {"metadata": str(metadata), "lines": lines, "tasks": tasks, "slices": make_slices(lines, tasks),
             "name": build_args.name or "yfcc", "build": options}
     out = Path(out_dir)
@@ -95,18 +99,23 @@ def load_plan(out_dir: str | Path) -> dict:
     path = Path(out_dir) / PLAN_FILE
     if not path.exists():
         raise BuildError(f"{path} not found: run `python shards/ingest.py plan METADATA --tasks T --out {out_dir}`")
-    return json.loads(path.read_text())
+    plan = json.loads(path.read_text())
+    named = plan.get("build", {}).pop("fetcher", None)  # null in plans written before: harmless
+    if named:  # refused, not ignored: a plan that names code was written by an old version or tampered with
+        raise BuildError(f"{path} names a fetcher ({named!r}): a plan never chooses code to import. Remove "
+                         f"the key and pass `--fetcher {named}` to each `shards/ingest.py run` if you trust it")
+    return plan
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def slice_source(options: argparse.Namespace, start: int, stop: int) -> YfccSource:
+def slice_source(options: argparse.Namespace, start: int, stop: int, fetcher: Optional[str] = None) -> YfccSource:
+    """fetcher: module:function from the task's command line (never from the plan)."""
     columns = YfccColumns(options.col_line, options.col_photo_id, options.col_url, options.col_marker)
-    fetch = (load_fetcher(options.fetcher) if options.fetcher else
-             functools.partial(urllib_fetch, timeout=options.fetch_timeout, retries=options.fetch_retries))
     return YfccSource(options.metadata, images=options.images, layout=options.layout, columns=columns,
-                      fetch=fetch, limit=stop - start, start=start)
+                      fetch=url_fetcher(options, fetcher), limit=stop - start, start=start,
+                      fetch_workers=getattr(options, "fetch_workers", 1))
 
 
 def _empty_part(part: Path, name: str, settings: ImageSettings, skipped: dict, source: dict) -> Manifest:
@@ -118,8 +127,10 @@ def _empty_part(part: Path, name: str, settings: ImageSettings, skipped: dict, s
     return manifest
 
 
-def run_task(out_dir: str | Path, task_id: int, workers: Optional[int] = None) -> Manifest:
-    """Build slice `task_id` of the plan into DIR/part-<task_id>/ (complete shards are reused)."""
+def run_task(out_dir: str | Path, task_id: int, workers: Optional[int] = None,
+             fetcher: Optional[str] = None) -> Manifest:
+    """Build slice `task_id` of the plan into DIR/part-<task_id>/ (complete shards are reused);
+    fetcher: the task's --fetcher module:function (layout url), else the built-in fetcher."""
     plan = load_plan(out_dir)
     if not 0 <= task_id < plan["tasks"]:
         raise BuildError(f"--task-id {task_id} is outside the plan's 0..{plan['tasks'] - 1}")
@@ -131,7 +142,7 @@ def run_task(out_dir: str | Path, task_id: int, workers: Optional[int] = None) -
     described = {"type": "yfcc", "metadata": plan["metadata"], "slice": [start, stop]}
     if stop == start:
         return _empty_part(part, name, settings, {}, described)
-    source = slice_source(options, start, stop)
+    source = slice_source(options, start, stop, fetcher)
     try:
         report: BuildReport = build(source, part, name=name, shard_size=options.shard_size, settings=settings,
                                     workers=workers or options.workers)
@@ -144,13 +155,14 @@ def run_task(out_dir: str | Path, task_id: int, workers: Optional[int] = None) -
 
 
 class IngestTask(ResumableJob):
-    """One array task: `run DIR --task-id I`; a requeue re-runs it, reusing the complete shards."""
+    """One array task: `run DIR --task-id I [--fetcher F]`; a requeue re-runs it, reusing the complete
+    shards. The fetcher spec is the submitting command's, carried by the job, not by the plan."""
 
-    def __init__(self, out_dir: str, workers: Optional[int] = None):
-        self.out_dir, self.workers = out_dir, workers
+    def __init__(self, out_dir: str, workers: Optional[int] = None, fetcher: Optional[str] = None):
+        self.out_dir, self.workers, self.fetcher = out_dir, workers, fetcher
 
     def __call__(self, task_id: int) -> int:
-        manifest = run_task(self.out_dir, int(task_id), self.workers)
+        manifest = run_task(self.out_dir, int(task_id), self.workers, self.fetcher)
         return manifest.num_samples
 
 
@@ -305,12 +317,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     run.add_argument("dir")
     run.add_argument("--task-id", type=int, help="default: $SLURM_ARRAY_TASK_ID")
     run.add_argument("--workers", type=int, help="override the plan's --workers")
+    run.add_argument("--fetcher", help="module:function fetching the URLs of layout url (default: the built-in "
+                                       "fetcher with the plan's limits); never read from the plan")
     merge_cmd = sub.add_parser("merge", help="deduplicate photo ids, write DIR/manifest.json")
     merge_cmd.add_argument("dir")
     return parser.parse_known_args(argv)
 
 
-def submit_array(plan: dict, args: argparse.Namespace, workers: int) -> None:
+def submit_array(plan: dict, args: argparse.Namespace, workers: int, fetcher: Optional[str] = None) -> None:
     """`run` for every task id as one submitit job array (printed only with --dry-run)."""
     from dist_cluster import slurm
     out = plan["build"]["out"]
@@ -323,10 +337,11 @@ def submit_array(plan: dict, args: argparse.Namespace, workers: int) -> None:
     folder = str(Path(out) / "submitit" / "%j")
     if args.dry_run:
         print(slurm.render_sbatch(folder, params, array_size=plan["tasks"]))
-        print(f"# job: shards.ingest.IngestTask({out!r})(task_id) for task_id in 0..{plan['tasks'] - 1}")
+        print(f"# job: shards.ingest.IngestTask({out!r}, fetcher={fetcher!r})(task_id) "
+              f"for task_id in 0..{plan['tasks'] - 1}")
         return
     executor = slurm.make_executor(folder, params, cluster=args.cluster)
-    jobs = executor.map_array(IngestTask(out), list(range(plan["tasks"])))
+    jobs = executor.map_array(IngestTask(out, fetcher=fetcher), list(range(plan["tasks"])))
     print(f"submitted {len(jobs)} tasks ({jobs[0].job_id} ...), logs in {folder}; then: "
           f"python shards/ingest.py merge {out}")
 
@@ -346,14 +361,19 @@ def main(argv=None) -> int:
     try:
         if args.command == "plan":
             build_args = build_parse_args(["yfcc", args.metadata, *rest])
+            if build_args.fetcher:
+                load_fetcher(build_args.fetcher)  # fail now, not in every task; this command line is trusted
             plan = write_plan(build_args.out, build_args, args.tasks)
             sizes = [stop - start for start, stop in plan["slices"]]
             print(f"{plan['lines']} metadata lines in {plan['tasks']} slices of {min(sizes)}-{max(sizes)} lines "
                   f"-> {Path(build_args.out) / PLAN_FILE}")
             if args.submit:
-                submit_array(plan, args, build_args.workers)
+                submit_array(plan, args, build_args.workers, build_args.fetcher)
+            elif build_args.fetcher:
+                print(f"note: --fetcher is not stored in the plan: pass `--fetcher {build_args.fetcher}` to "
+                      f"every `shards/ingest.py run`", file=sys.stderr)
         elif args.command == "run":
-            manifest = run_task(args.dir, task_id_from(args), args.workers)
+            manifest = run_task(args.dir, task_id_from(args), args.workers, args.fetcher)
             print(f"part-{task_id_from(args)}: {manifest.num_samples} samples, skipped {manifest.skipped}")
         else:
             report = merge(args.dir)

@@ -100,6 +100,20 @@ def _reusable(task: ShardTask) -> dict | None:
     return stored
 
 
+def _read_records(reader, records: list):
+    """(record, bytes or the exception reading it raised), in record order. A reader with read_all
+    (the url layout: shards/yfcc.py UrlReader) reads ahead concurrently; others read one by one."""
+    read_all = getattr(reader, "read_all", None)
+    if read_all is not None:
+        yield from read_all(records)
+        return
+    for record in records:
+        try:
+            yield record, reader.read(record)
+        except SkipSample as skip:
+            yield record, skip
+
+
 def write_shard(task: ShardTask) -> dict:
     """Write (or reuse) one shard; returns {name, index, num_samples, num_records, skipped, reused, ...}."""
     start = time.perf_counter()
@@ -117,9 +131,11 @@ def write_shard(task: ShardTask) -> dict:
     ext = task.settings.image_ext
     try:
         with task.source.open_reader() as reader, tarfile.open(tmp, "w") as tar:
-            for record in task.records:
+            for record, data in _read_records(reader, task.records):
                 try:
-                    image_bytes, info = prepare_image(reader.read(record), task.settings)
+                    if isinstance(data, BaseException):
+                        raise data
+                    image_bytes, info = prepare_image(data, task.settings)
                 except SkipSample as skip:
                     skipped[skip.reason] += 1
                     continue

@@ -15,8 +15,11 @@ Image layouts:
     zip   the original DeeperCluster layout: d = line number zero-padded to 8 digits,
           archive ROOT/d[0:2]/d[2:5].zip, member d[5:8].jpg. Each archive is opened once per
           shard-writing task (the original opened one per image).
-    url   the download URL through a pluggable `fetch(url) -> bytes` (default: urllib with a
-          timeout and retries with backoff; 4xx other than 408/429 is not retried).
+    url   the download URL through a pluggable `fetch(url) -> bytes` (default: shards/fetch.py's
+          urllib_fetch: http/https only, a byte cap, one deadline per URL, retries with backoff),
+          `fetch_workers` URLs at a time per shard-writing process. URLs of another scheme
+          (file://...) are never passed to the fetcher: counted as `bad_url`. The fetcher is chosen
+          by whoever runs the build (--fetcher), never by a data file.
 """
 from __future__ import annotations
 
@@ -24,11 +27,7 @@ import bz2
 import contextlib
 import functools
 import gzip
-import http.client
 import itertools
-import time
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from .fetch import FetchError, allowed_url, fetch_in_order, urllib_fetch  # noqa: F401 - FetchError, urllib_fetch: re-exported
 from .images import SkipSample
 from .sources import BuildError, Record, Source, read_file_bytes
 
@@ -48,32 +48,6 @@ class YfccColumns:
     photo_id: int = 1  # the key
     url: int = 16  # photo/video download URL
     marker: int = 24  # 0 = photo, 1 = video
-
-
-class FetchError(Exception):
-    pass
-
-
-def urllib_fetch(url: str, timeout: float = 10.0, retries: int = 3, backoff: float = 0.5) -> bytes:
-    """GET url; transient failures (network, 5xx, 408, 429) are retried with exponential backoff."""
-    last_error: Exception = FetchError("no attempt")
-    for attempt in range(retries + 1):
-        try:
-            request = urllib.request.Request(url, headers={"User-Agent": "dist_cluster-shards"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                if "photo_unavailable" in response.geturl():
-                    # Flickr redirects deleted photos to a placeholder image: not the photo
-                    raise FetchError(f"{url}: photo unavailable")
-                return response.read()
-        except urllib.error.HTTPError as err:
-            if err.code < 500 and err.code not in (408, 429):
-                raise FetchError(f"{url}: HTTP {err.code}") from None
-            last_error = err
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-            last_error = err
-        if attempt < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise FetchError(f"{url}: {last_error!r} after {retries + 1} attempts")
 
 
 def zip_location(line: int) -> tuple[str, str]:
@@ -150,7 +124,7 @@ class YfccSource(Source):
 
     def __init__(self, metadata: str, images: Optional[str] = None, layout: str = "tree",
                  columns: YfccColumns = YfccColumns(), fetch: Optional[Callable[[str], bytes]] = None,
-                 limit: Optional[int] = None, start: int = 0):
+                 limit: Optional[int] = None, start: int = 0, fetch_workers: int = 1):
         super().__init__(limit)
         if start < 0:
             raise BuildError(f"start must be >= 0, got {start}")
@@ -166,6 +140,9 @@ class YfccSource(Source):
                                  f"got {images!r}")
         self.images = str(Path(images).resolve()) if images else None
         self.fetch = fetch or urllib_fetch
+        if fetch_workers < 1:
+            raise BuildError(f"--fetch-workers must be >= 1, got {fetch_workers}")
+        self.fetch_workers = fetch_workers
 
     def records(self) -> Iterator[Record]:
         cols = self.columns
@@ -192,7 +169,10 @@ class YfccSource(Source):
 
     @contextlib.contextmanager
     def open_reader(self):
-        if self.layout != "zip":
+        if self.layout == "url":
+            yield UrlReader(self)
+            return
+        if self.layout == "tree":
             yield self
             return
         archives = ZipArchives(self.images)
@@ -204,10 +184,13 @@ class YfccSource(Source):
     def read(self, record: Record) -> bytes:
         if self.layout == "tree":
             return read_file_bytes(Path(self.images) / f"{record.key}.jpg")
+        url = record.ref[1]
+        if not allowed_url(url):  # file://, ftp://...: whatever the fetcher, nothing is opened
+            raise SkipSample("bad_url", f"{url!r}: only http and https URLs are fetched")
         try:
-            return self.fetch(record.ref[1])
+            return self.fetch(url)
         except Exception as err:  # noqa: BLE001 - any fetcher failure is a counted skip
-            raise SkipSample("fetch_error", f"{record.ref[1]}: {err}") from None
+            raise SkipSample("fetch_error", f"{url}: {err}") from None
 
     def describe(self) -> dict:
         described = {"type": self.kind, "metadata": self.metadata, "images": self.images,
@@ -217,3 +200,18 @@ class YfccSource(Source):
         if self.start:  # only when set: unsliced builds keep their fingerprints (shard reuse)
             described["start"] = self.start
         return described
+
+
+class UrlReader:
+    """The url layout's reader of one shard task: read_all fetches the shard's URLs concurrently
+    (source.fetch_workers threads), in record order, so shards do not depend on the timing."""
+
+    def __init__(self, source: YfccSource):
+        self.source = source
+
+    def read(self, record: Record) -> bytes:
+        return self.source.read(record)
+
+    def read_all(self, records: list) -> Iterator[tuple[Record, object]]:
+        """(record, bytes or the SkipSample it was skipped with), in order."""
+        yield from fetch_in_order(self.source.read, records, self.source.fetch_workers)

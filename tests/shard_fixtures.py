@@ -19,7 +19,13 @@ from PIL import Image
 from dist_cluster.manifest import Manifest, ShardInfo
 
 
-SIGNATURE = {"png": b"\x89PNG\r\n\x1a\n", "jpg": b"\xff\xd8\xff\xe0"}
+def image_header(data: bytes, fmt: str) -> bytes:
+    """The leading bytes of an encoded image up to its size field included (PNG: signature + IHDR
+    chunk; JPEG: up to the end of the SOF segment): what the reader checks before decoding."""
+    if fmt == "png":
+        return data[:33]
+    sof = data.index(b"\xff\xc0")
+    return data[:sof + 2 + int.from_bytes(data[sof + 2:sof + 4], "big")]
 
 
 def sample_key(shard: int, index: int) -> str:
@@ -78,7 +84,7 @@ def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int
                 broken_body_keys: Iterable[str] = ()) -> FixtureShards:
     """num_shards tars of random size x size images (gray: 1 channel stored); the *_keys samples are
     written broken (garbage image bytes / no image member / a non-integer .cls / the format's
-    signature then garbage: only decoding finds it) but still counted in the manifest, as a builder
+    header, size included, then garbage: only decoding finds it) but still counted in the manifest, as a builder
     that did not notice would."""
     counts = [per_shard] * num_shards if isinstance(per_shard, int) else list(per_shard)
     corrupt, missing, bad_label = set(corrupt_keys), set(missing_image_keys), set(bad_label_keys)
@@ -95,7 +101,7 @@ def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int
             if key in corrupt:
                 image = b"\x89PNG garbage" + rng.bytes(200)
             if key in broken_body:
-                image = SIGNATURE[fmt] + rng.bytes(200)
+                image = image_header(image, fmt) + rng.bytes(200)
             label = int(rng.integers(0, 10))
             label_bytes = (b"seven" if key in bad_label else str(label).encode()) if labels else None
             samples.append((key, None if key in missing else image, label_bytes))
@@ -106,6 +112,33 @@ def make_shards(root: str | Path, num_shards: int, per_shard: int | Sequence[int
         all_shards.append(samples)
     out.manifest = write_shards(root, all_shards, name="fixture", fmt=fmt, has_labels=labels,
                                 classes=[str(c) for c in range(10)] if labels else [])
+    return out
+
+
+def make_class_shards(root: str | Path, num_shards: int, per_shard: int, size: int = 28, num_classes: int = 10,
+                      seed: int = 0) -> FixtureShards:
+    """Grayscale PNGs in `num_classes` visual classes, like a small Fashion-MNIST built here: each
+    image is its class's coarse template (7 x 7 blocks, scaled up) shifted by up to 2 px, plus
+    noise. Clusters, training and resume then have structure to work with, and no dataset has to
+    be installed for the end-to-end tests."""
+    rng = np.random.default_rng(seed)
+    cell = -(-size // 7)
+    templates = [np.kron(rng.integers(0, 256, (7, 7)), np.ones((cell, cell)))[:size, :size]
+                 for _ in range(num_classes)]
+    out = FixtureShards(Path(root), None, [])
+    all_shards = []
+    for shard in range(num_shards):
+        samples = []
+        for index in range(per_shard):
+            key, label = sample_key(shard, index), int(rng.integers(0, num_classes))
+            shifted = np.roll(templates[label], tuple(rng.integers(-2, 3, 2)), axis=(0, 1))
+            pixels = np.clip(0.75 * shifted + 0.25 * rng.integers(0, 256, (size, size)), 0, 255).astype(np.uint8)
+            samples.append((key, encode_image(pixels, "png"), str(label).encode()))
+            out.keys.append(key)
+            out.labels[key], out.images[key], out.shard_of[key] = label, np.repeat(pixels[..., None], 3, 2), shard
+        all_shards.append(samples)
+    out.manifest = write_shards(root, all_shards, name="classes", fmt="png", has_labels=True,
+                                classes=[f"class{c}" for c in range(num_classes)])
     return out
 
 

@@ -306,7 +306,7 @@ def test_make_loader_follows_the_run_device_not_the_machine(even, monkeypatch):
     from dist_cluster.data import make_loader
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = SimpleNamespace(batch_size=BATCH, num_workers=0, shuffle_buffer=8, max_samples=0,
-                          allow_short_shards=False, decode="cpu")
+                          allow_short_shards=False, decode="cpu", max_image_pixels=1000)
     loader = make_loader(cfg, str(even.root), 0, 1, train_transform(16, 0.5), 0, 0, train=True,
                          device=torch.device("cpu"))
     assert loader.device is None and not loader.pin_memory

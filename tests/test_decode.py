@@ -113,7 +113,7 @@ def test_batch_without_a_decodable_jpeg(tmp_path):
 
 def test_make_loader_passes_decode_through(jpeg):
     cfg = SimpleNamespace(batch_size=3, num_workers=0, shuffle_buffer=8, max_samples=0, allow_short_shards=False,
-                          decode="device")
+                          decode="device", max_image_pixels=1000)
     loader = make_loader(cfg, str(jpeg.root), 0, 1, train_transform(12, 0.5), 0, 0, train=True, device=CPU)
     assert loader.device == CPU and loader.cfg["decode"] == "device" and not loader.pin_memory
     images, keys, labels = next(iter(loader))

@@ -222,3 +222,65 @@ def test_plan_submit_runs_the_array_locally(yfcc, tmp_path):
         time.sleep(0.2)
     assert main(["merge", str(out)]) == 0
     assert load_manifest(out).num_samples == len(keys)
+
+
+# ------------------------------------------------------------------------------------ fetchers
+
+
+def _module(tmp_path: Path, monkeypatch, name: str, text: str) -> None:
+    folder = tmp_path / "modules"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(folder))
+
+
+TREE_FETCHER = """import pathlib
+def get(url):  # http://example.invalid/<id>.jpg -> ROOT/<id>.jpg: no network
+    return (pathlib.Path({root!r}) / url.rsplit("/", 1)[1]).read_bytes()
+"""
+
+
+def test_the_fetcher_comes_from_the_task_command_line_not_the_plan(yfcc, tmp_path, monkeypatch, capsys):
+    metadata, root, keys, skipped, _ = yfcc
+    _module(tmp_path, monkeypatch, "treefetch_cmdline", TREE_FETCHER.format(root=str(root)))
+    out = tmp_path / "out"
+    assert main(plan_args(metadata, root, out, 2, "--layout", "url", "--fetcher", "treefetch_cmdline:get")) == 0
+    assert "--fetcher treefetch_cmdline:get" in capsys.readouterr().err  # told where it must go instead
+    plan_text = (out / "ingest_plan.json").read_text()
+    assert "fetcher" not in json.loads(plan_text)["build"] and "treefetch" not in plan_text
+    for task in ("0", "1"):
+        assert main(["run", str(out), "--task-id", task, "--fetcher", "treefetch_cmdline:get"]) == 0
+    assert main(["merge", str(out)]) == 0
+    merged = load_manifest(out)
+    assert merged.num_samples == len(keys)
+    # the missing photo is now a failed fetch (FileNotFoundError in the fetcher), not a missing file
+    assert merged.skipped == {**{k: v for k, v in skipped.items() if k != "missing"}, "fetch_error": 1}
+    # submitted: the spec travels with the job (its command line), still not in the plan
+    assert main(plan_args(metadata, root, out, 2, "--layout", "url", "--fetcher", "treefetch_cmdline:get",
+                          "--submit", "--dry-run")) == 0
+    assert "fetcher='treefetch_cmdline:get')" in capsys.readouterr().out
+    assert "treefetch" not in (out / "ingest_plan.json").read_text()
+
+
+def test_a_plan_naming_a_fetcher_is_refused_never_imported(yfcc, tmp_path, monkeypatch):
+    """ingest_plan.json is data: whoever can write DIR must not make the tasks import code."""
+    import sys
+    metadata, root, keys, *_ = yfcc
+    marker = tmp_path / "imported"
+    _module(tmp_path, monkeypatch, "planted_fetcher", f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                                      f"def get(url):\n    return b''\n")
+    _module(tmp_path, monkeypatch, "treefetch_plan", TREE_FETCHER.format(root=str(root)))
+    out = tmp_path / "out"
+    assert main(plan_args(metadata, root, out, 1, "--layout", "url")) == 0
+    path = out / "ingest_plan.json"
+    plan = json.loads(path.read_text())
+    plan["build"]["fetcher"] = "planted_fetcher:get"
+    path.write_text(json.dumps(plan))
+    for extra in ([], ["--fetcher", "treefetch_plan:get"]):  # refused even when the command names one
+        with pytest.raises(SystemExit, match="names a fetcher"):
+            main(["run", str(out), "--task-id", "0", *extra])
+    assert not marker.exists() and "planted_fetcher" not in sys.modules
+    plan["build"]["fetcher"] = None  # what plans written before this change hold: accepted
+    path.write_text(json.dumps(plan))
+    assert main(["run", str(out), "--task-id", "0", "--fetcher", "treefetch_plan:get"]) == 0
+    assert load_manifest(out / "part-0").num_samples == len(keys) + 2  # + the 2 repeats merge drops

@@ -30,6 +30,7 @@ import torch
 from .. import comm
 from ..logger import Timer
 from ..preemption import NO_POLL
+from ..scratch import private_memmap
 from .hierarchy import HierResult, hierarchical_kmeans
 from .nmi import distributed_nmi
 from .pca import fit_pca
@@ -53,11 +54,13 @@ def round_dir(run_dir, round_idx: int) -> Path:
 
 def _whitened_buffer(n: int, dim: int, device: torch.device, cfg, round_idx: int):
     """Where the whitened features live: on `device` (the GPU, or RAM on CPU runs) when they fit in
-    memmap_gb, else a local memmap that the k-means streams to the device chunk by chunk."""
+    memmap_gb, else a local memmap that the k-means streams to the device chunk by chunk: private and
+    already unlinked (scratch.private_memmap), its space freed when the buffer is released.
+    Returns (buffer, memmap path for logs or None)."""
     if n * dim * 4 <= cfg.memmap_gb * 2**30:
         return torch.empty(n, dim, dtype=torch.float32, device=device), None
-    path = Path(cfg.memmap_dir) / f"dist_cluster_white.round{round_idx}.rank{comm.group_rank()}.{os.getpid()}.f32"
-    return np.memmap(path, dtype=np.float32, mode="w+", shape=(n, dim)), path
+    array = private_memmap(cfg.memmap_dir, f"white.round{round_idx}.rank{comm.group_rank()}.f32", (n, dim))
+    return array, getattr(array, "filename", None) or cfg.memmap_dir
 
 
 def _whiten_in_place(features, dim: int, device: torch.device, cfg):
@@ -125,9 +128,7 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
                                   init_samples_per_rank=c.init_samples_per_rank, poll=poll,
                                   route_chunk_bytes=c.route_chunk_mb << 20)
     finally:
-        del x, buf
-        if memmap_path is not None:
-            memmap_path.unlink(missing_ok=True)
+        del x, buf  # a memmap's disk space is freed here (its file is already unlinked)
     return pca, res
 
 

@@ -95,7 +95,8 @@ def cluster_nmi_train(run_dir, train_dir) -> dict:
     if not load_manifest(train_dir).has_labels:
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": f"{train_dir} has no labels"}
     assign = load_assignments(round_dir)
-    labels = read_labels(train_dir, assign["keys"].tolist())
+    label_stats: dict = {}
+    labels = read_labels(train_dir, assign["keys"].tolist(), label_stats)
     known = np.array([k in labels for k in assign["keys"]], dtype=bool)
     if not known.any():
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": "no clustered key found in the train shards"}
@@ -103,7 +104,8 @@ def cluster_nmi_train(run_dir, train_dir) -> dict:
     return {"nmi_clusters_train": nmi(truth, assign["sub"][known]),
             "nmi_super_clusters_train": nmi(truth, assign["super"][known]),
             "clusters_round": int(round_dir.name.split("_")[1]), "clusters_k": int(assign["meta"]["k"]),
-            "clusters_images": int(known.sum()), "clusters_unlabelled": int((~known).sum())}
+            "clusters_images": int(known.sum()), "clusters_unlabelled": int((~known).sum()),
+            "clusters_bad_labels": label_stats.get("skipped_bad_label", 0)}
 
 
 # ---------------------------------------------------------------- metrics on rank 0

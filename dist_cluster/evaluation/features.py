@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from .. import comm
 from ..data import ShardLoader
+from ..data_worker import DEFAULT_MAX_PIXELS
 from ..logger import progress
 from ..manifest import load_manifest
 from ..models import ResNet50, VGG16BN, build_trunk
@@ -151,6 +152,12 @@ def usable_workers(shard_dir, world: int, wanted: int) -> int:
     return min(wanted, shards // world)
 
 
+def _max_pixels(cfg_data) -> int:
+    """data.max_image_pixels of the run; a run saved before the key existed gets the default."""
+    value = getattr(cfg_data, "max_image_pixels", None)
+    return DEFAULT_MAX_PIXELS if value is None else int(value)
+
+
 @torch.no_grad()
 def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, rank: int = 0, world: int = 1,
                   batch_size: int = 256, num_workers: int = 2, layer_dims: int = 0, max_samples: int = 0,
@@ -158,7 +165,8 @@ def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, r
     """This rank's rows: penultimate features and (layer_dims > 0) pooled block outputs."""
     loader = ShardLoader(str(shard_dir), rank, world, batch_size, usable_workers(shard_dir, world, num_workers),
                          transform=extract_transform(cfg_data.resize, cfg_data.image_size), seed=0, epoch=0,
-                         shuffle=False, equal_steps=False, max_samples=max_samples)
+                         shuffle=False, equal_steps=False, max_samples=max_samples,
+                         max_image_pixels=_max_pixels(cfg_data))
     trunk.eval()
     rows, cap = 0, loader.num_samples
     feats, labels, keys, blocks = None, np.full(cap, -1, np.int64), [], {}
@@ -268,12 +276,21 @@ def read_members(shard_dir, keys: Optional[Iterable[str]], exts: Iterable[str]) 
     return found
 
 
-def read_labels(shard_dir, keys: Optional[Iterable[str]] = None) -> dict:
-    """{key: class id} from the .cls members (samples with a missing or bad .cls are left out)."""
+def read_labels(shard_dir, keys: Optional[Iterable[str]] = None, stats: Optional[dict] = None) -> dict:
+    """{key: class id} from the .cls members. Left out, and counted in `stats` when given: a .cls
+    that is not an integer (skipped_corrupt) or outside [0, number of manifest classes)
+    (skipped_bad_label; no upper bound when the manifest lists no classes), as the loader does."""
+    num_classes = len(load_manifest(shard_dir).classes)
+    stats = {} if stats is None else stats
     labels = {}
     for key, members in read_members(shard_dir, keys, ("cls",)).items():
         try:
-            labels[key] = int(members["cls"].decode("ascii").strip())
+            label = int(members["cls"].decode("ascii").strip())
         except (ValueError, UnicodeDecodeError):
+            stats["skipped_corrupt"] = stats.get("skipped_corrupt", 0) + 1
             continue
+        if label < 0 or 0 < num_classes <= label:
+            stats["skipped_bad_label"] = stats.get("skipped_bad_label", 0) + 1
+            continue
+        labels[key] = label
     return labels
