@@ -166,16 +166,23 @@ class Run:
         checkpoint.save(self.run_dir, shared, per_rank, self.state["global_step"], round_copy)
 
     def resume(self) -> bool:
-        loaded = checkpoint.load(self.run_dir, map_location=self.device)
+        # a round copy (no rank files) only where a round boundary starts fresh heads anyway
+        loaded = checkpoint.load(self.run_dir, map_location=self.device, round_fallback=self.clusters_needed)
         if loaded is None:
             return False
-        shared, per_rank = loaded
+        shared, per_rank = loaded.shared, loaded.per_rank
+        if loaded.rejected:
+            distributed.print0(f"checkpoint: resuming from {loaded.path.name}, the newest usable one; skipped:\n  "
+                               + "\n  ".join(loaded.rejected))
+            self.logger.event("checkpoint_fallback", step=shared["global_step"], used=loaded.path.name,
+                              rejected=loaded.rejected, round_copy=per_rank is None)
         self.module.load_state_dict(shared["model"])
         self.trunk_opt.load_state_dict(shared["trunk_opt"])
         self.state = dict(shared["progress"])
-        checkpoint.set_rng_state(per_rank, self.device)
+        if per_rank is not None:  # a round copy: the ranks' streams stay as seeded in __init__
+            checkpoint.set_rng_state(per_rank, self.device)
         self._resumed = (shared, per_rank)
-        distributed.print0(f"resumed from {self.run_dir}/checkpoints/last.pt at {self.state}")
+        distributed.print0(f"resumed from {loaded.path} at {self.state}")
         self.logger.event("resume", step=self.state["global_step"], round=self.state["round"],
                           epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"])
         return True
