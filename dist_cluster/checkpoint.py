@@ -285,6 +285,25 @@ def candidates(run_dir) -> list[Path]:
     return found + [rounds[r] for r in sorted(rounds, reverse=True)]
 
 
+def stored_config(run_dir) -> Optional[tuple[Path, dict]]:
+    """(path, peek) of the newest checkpoint whose config can be read, or None for a fresh run_dir.
+    No process group needed: every rank reads the same files and reaches the same answer."""
+    found, why = candidates(run_dir), []
+    for path in found:
+        try:
+            record = peek(path)
+        except Exception as err:  # noqa: BLE001 - judged below, after the other files
+            why.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            continue
+        if record["config"] is not None:
+            return path, record
+        why.append(f"{path.name}: no config")
+    if found:  # load() could use none of them either: say so before anything is written
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir(run_dir)}:\n  " + "\n  ".join(why) +
+                              "\nRestore the files, or move the folder away to start the run over.")
+    return None
+
+
 @dataclass
 class Loaded:
     shared: dict
