@@ -97,6 +97,34 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# Keys a resume may change. rounds.train compares every other key with the config stored in the
+# run_dir's checkpoint and refuses the run, naming each differing key with both values; the changes
+# below are logged as `config_change` events in RUN/metrics.jsonl. Each changes how the run is
+# operated, not what it computes. Not here, on purpose: data.num_workers (each rank's shards are
+# split between its workers and batches are made inside a worker: the count decides which images
+# share a batch, and the steps per epoch), data.shuffle_buffer (the sample order), train.bf16.
+RESUMABLE_KEYS = {
+    "train.epochs": "extends a run (or ends it sooner, not before what is done): the rounds still to come; "
+                    "a cosine schedule or warm-up then spreads over the new total",
+    "train.log_every_steps": "logging only",
+    "train.ckpt_every_steps": "when to save (a save draws no random number)",
+    "dist.timeout_s": "how long a dead peer is waited for",
+    # checkpoints are device-free (state_dicts mapped to the run's device, the CPU RNG stream restored
+    # on either) and `auto` already resolves per machine, so refusing an explicit change would not stop
+    # a device change; float rounding may differ, the algorithm does not. The world size is checked
+    # on its own (checkpoint.load): it fixes each rank's shards and heads.
+    "dist.backend": "gloo | nccl: the transport of the same sums",
+    "dist.device": "cpu | cuda, see above",
+    "model.compile": "fused kernels of the same graph (GPU only)",
+    "run_dir": "a moved run directory",
+    "data.test": "read by evaluation only",
+    "cluster.memmap_gb": "where features wait for clustering: RAM or a float32 memmap, the same values",
+    "cluster.memmap_dir": "the memmap's local disk (differs from job to job under SLURM)",
+    "cluster.route_chunk_mb": "a memory bound: each routed row lands in the same place whatever the "
+                              "round size (tests/test_route.py)",
+}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the key."""
 
@@ -230,3 +258,48 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+# ---------------------------------------------------------------- resuming a run_dir
+
+
+def _flat(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved, cfg: DictConfig, progress: Optional[dict] = None,
+                   source: str = "the checkpoint") -> list[tuple[str, object, object]]:
+    """Check cfg against `saved` (the config, a YAML string, a run_dir's checkpoint was written with)
+    and `progress` (where that checkpoint stands). Raises ConfigError naming every key that may not
+    change, with both values; returns the allowed changes as (key, old, new)."""
+    old = _flat(OmegaConf.to_container(OmegaConf.create(saved) if isinstance(saved, str) else saved, resolve=True))
+    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    # a key on one side only comes from another version of this schema: nothing to compare it with
+    changed = [(k, old[k], new[k]) for k in new if k in old and old[k] != new[k]]
+    refused = [f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        raise ConfigError(
+            f"run_dir {cfg.run_dir} holds a run with another configuration ({source}); these keys change "
+            "results and cannot change on resume:\n" + "\n".join(refused) + "\nOnly " + ", ".join(RESUMABLE_KEYS) +
+            " may (dist_cluster/config.py, RESUMABLE_KEYS). Use another run_dir for another configuration.")
+    if progress is not None:
+        _check_epochs(cfg.train, progress)
+    return [c for c in changed if c[0] in RESUMABLE_KEYS]
+
+
+def _check_epochs(t: DictConfig, progress: dict) -> None:
+    """train.epochs may move, but not below what is done, nor past a round that ended early."""
+    started = progress["epoch"] + (1 if progress["phase"] == "train" and progress["step"] > 0 else 0)
+    _check(t.epochs >= started, "train.epochs",
+           f"{t.epochs} is below the {started} epochs this run has already started")
+    cut = progress["phase"] == "cluster" and progress["epoch"] < progress["round"] * t.reassign
+    _check(not cut or t.epochs <= progress["epoch"], "train.epochs",
+           f"{t.epochs} cannot extend this run: its last round ended early, after epoch {progress['epoch']} "
+           f"(train.epochs was not a multiple of train.reassign={t.reassign}); the next round would skip "
+           f"epochs. Start a new run_dir (initialised from RUN/export/) instead")

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, comm, distributed, preemption
 from .cluster.stage import load_cluster_state, run_clustering
-from .config import save_config
+from .config import resume_changes, save_config
 from .data import ShardLoader, make_loader, reduce_stats, steps_per_epoch
 from .extract import extract_features
 from .heads import RoutedHeads, TrunkAndSuperHead
@@ -166,18 +166,30 @@ class Run:
         checkpoint.save(self.run_dir, shared, per_rank, self.state["global_step"], round_copy)
 
     def resume(self) -> bool:
-        loaded = checkpoint.load(self.run_dir, map_location=self.device)
+        # a round copy (no rank files) only where a round boundary starts fresh heads anyway
+        loaded = checkpoint.load(self.run_dir, map_location=self.device, round_fallback=self.clusters_needed)
         if loaded is None:
             return False
-        shared, per_rank = loaded
+        shared, per_rank = loaded.shared, loaded.per_rank
+        # before any state is touched: another run's checkpoint fails here naming the keys
+        changes = resume_changes(shared["config"], self.cfg, shared["progress"], str(loaded.path))
+        if loaded.rejected:
+            distributed.print0(f"checkpoint: resuming from {loaded.path.name}, the newest usable one; skipped:\n  "
+                               + "\n  ".join(loaded.rejected))
+            self.logger.event("checkpoint_fallback", step=shared["global_step"], used=loaded.path.name,
+                              rejected=loaded.rejected, round_copy=per_rank is None)
         self.module.load_state_dict(shared["model"])
         self.trunk_opt.load_state_dict(shared["trunk_opt"])
         self.state = dict(shared["progress"])
-        checkpoint.set_rng_state(per_rank, self.device)
+        if per_rank is not None:  # a round copy: the ranks' streams stay as seeded in __init__
+            checkpoint.set_rng_state(per_rank, self.device)
         self._resumed = (shared, per_rank)
-        distributed.print0(f"resumed from {self.run_dir}/checkpoints/last.pt at {self.state}")
+        distributed.print0(f"resumed from {loaded.path} at {self.state}")
         self.logger.event("resume", step=self.state["global_step"], round=self.state["round"],
                           epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"])
+        for key, old, new in changes:  # the run's history of allowed changes (config.RESUMABLE_KEYS)
+            distributed.print0(f"config change on resume: {key}: {old!r} -> {new!r}")
+            self.logger.event("config_change", step=self.state["global_step"], key=key, old=old, new=new)
         return True
 
     def restore_heads(self, round_idx: int) -> None:
@@ -266,6 +278,7 @@ def train(cfg, on_preempted=None) -> None:
     unless on_preempted exited first.
     """
     previous_handler = preemption.install()  # before init: a signal during start-up is kept
+    check_resume(cfg)  # before init and before config.yaml: another run's run_dir fails untouched
     with distributed.session(cfg.dist):
         if distributed.is_main():
             save_config(cfg, cfg.run_dir)
@@ -279,3 +292,15 @@ def train(cfg, on_preempted=None) -> None:
             finally:
                 comm.barrier()
             raise SystemExit(preemption.PREEMPTED_EXIT_CODE) from None
+
+
+def check_resume(cfg) -> list:
+    """Every rank, before torch.distributed: cfg against the config in run_dir's newest checkpoint
+    (read by mmap, no tensor loaded; every rank reads the same file, so each decides alone). Raises
+    config.ConfigError naming each key that may not change; returns the allowed changes, which
+    Run.resume logs against the checkpoint it actually resumes from."""
+    found = checkpoint.stored_config(cfg.run_dir)
+    if found is None:
+        return []
+    path, record = found
+    return resume_changes(record["config"], cfg, record["progress"], str(path))

@@ -7,7 +7,8 @@
 
 Any config key can be overridden as key=value (see dist_cluster/config.py); unknown keys, bad values
 and a data.train that cannot hold the run (missing shards, k above its image count) fail before any
-work. Running the same command again resumes from RUN/checkpoints/last.pt.
+work. Running the same command again resumes from RUN/checkpoints/last.pt; a resume may change only
+the keys of dist_cluster/config.py RESUMABLE_KEYS (train.epochs to extend a run, ...), others fail.
 On USR2 (SLURM's `--signal=USR2@<delay>`, sent to every rank) the ranks save the step they are in
 and exit with code 75; under SLURM use one task per GPU (`srun`), not torchrun, which USR2 kills.
 --export-init writes the untrained trunk (RUN/export/, RUN/config.yaml) and exits: the random-init
@@ -50,7 +51,12 @@ def main(argv=None) -> None:
     if args.export_init:
         print(f"exported the initial backbone to {export_initial_backbone(cfg)}")
         return
-    from dist_cluster.rounds import train  # after the config is known good: torch imports take seconds
+    from dist_cluster.checkpoint import CheckpointError
+    from dist_cluster.rounds import check_resume, train  # after the config is known good: torch imports take seconds
+    try:
+        check_resume(cfg)  # a run_dir of another configuration: the keys, before any work (train() checks too)
+    except (ConfigError, CheckpointError) as err:
+        parser.error(str(err))
     train(cfg)
 
 
