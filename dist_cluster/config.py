@@ -79,7 +79,11 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine
     rotations: int = 4  # 4: rotation prediction; 1: none (DeepCluster)
     all_rotations: bool = False  # True: each image in all 4 rotations; False: one random rotation
-    balance: str = "weight"  # weight: per-sample 1/|cluster| loss weights | none
+    # weight: per-sample 1/|cluster| loss weights | resample: the loaders repeat or drop images as the
+    # original's sampler draws them (uniform super-cluster, sub-cluster, image), weights 1 | none.
+    # RotNet (one cluster: resample draws every image once, = none) and supervised (set to none)
+    # ignore it (dist_cluster/targets.py)
+    balance: str = "weight"
     bf16: bool = True  # autocast on GPU only
     ckpt_every_steps: int = 200
     log_every_steps: int = 20
@@ -181,7 +185,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.rotations in (1, 4), "train.rotations", "must be 1 or 4")
     _check(t.rotations > 1 or c.k > 1, "train.rotations", "no rotation and k=1 leaves nothing to predict")
     _check(t.reassign >= 1, "train.reassign", "must be >= 1")
-    _check(t.balance in ("weight", "none"), "train.balance", "weight | none")
+    _check(t.balance in ("weight", "resample", "none"), "train.balance", f"weight | resample | none, got {t.balance!r}")
     _check(t.schedule in ("constant", "cosine"), "train.schedule", "constant | cosine")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")

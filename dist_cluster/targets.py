@@ -4,10 +4,17 @@ Labels never leave the rank that read the images: `LabelTable` maps this rank's 
 (super, sub) labels. Super-class s = y * m + z1 (S = R * m classes); the sub-class head of s
 predicts z2's index inside z1, i.e. z2 - z1 * (k // m).
 
-Balancing ("big clusters must not dominate"): we weight each sample by 1 / |its cluster| (super
-loss: super-cluster size, sub loss: sub-cluster size) and normalise by the weight sum of the global
-batch. In expectation this is DeepCluster's uniform sampling over clusters, without a sampler that
-needs the global label table; its variance is higher when clusters are very small.
+Balancing ("big clusters must not dominate"), train.balance:
+  weight    each sample weighs 1 / |its cluster| (super loss: super-cluster size, sub loss: sub-cluster
+            size), normalised by the weight sum of the global batch. Equal in expectation to uniform
+            sampling over sub-clusters for the sub loss, not for the super loss (uniform over the
+            images of a super-cluster, not over its sub-clusters), and of high variance: one image
+            of a singleton cluster can carry a large share of a step.
+  resample  the original's sampler (DistUnifTargSampler: uniform over non-empty super-clusters, then
+            over the super-cluster's non-empty sub-clusters, then over the cluster's images) realised
+            in the stream: image i is read `expected_counts` times per epoch in expectation
+            (repeated or dropped by the loader workers, data_worker.draw_count) and weighs 1.
+  none      every sample weighs 1, read once per epoch.
 """
 from __future__ import annotations
 
@@ -29,8 +36,26 @@ class Targets:
     sub_weight: torch.Tensor  # [B]
 
 
+def expected_counts(sub_labels, sub_sizes, m: int) -> np.ndarray:
+    """Draws of each image in an epoch of N = sum(sub_sizes) draws of the original's sampler:
+    e_i = N / (m' * k'_s * |c|), with m' the non-empty super-clusters, k'_s the non-empty
+    sub-clusters of i's super-cluster s and |c| the size of i's sub-cluster c (global ids: c // (k/m) == s).
+
+    Depends on the global sizes and i's own label only: each rank computes it for its own images.
+    """
+    sizes = np.asarray(sub_sizes, dtype=np.int64)
+    sub = np.asarray(sub_labels, dtype=np.int64)
+    per_super = (sizes > 0).reshape(m, -1).sum(1)  # k'_s
+    draws = sizes.sum() / (np.count_nonzero(per_super) * per_super[sub // (len(sizes) // m)])
+    return draws / np.maximum(sizes[sub], 1)  # an image's cluster is never empty; max: no 0/0 warning
+
+
 class LabelTable:
-    """This rank's key -> (super, sub) table, plus global cluster sizes for the weights."""
+    """This rank's key -> (super, sub) table, plus global cluster sizes for the weights.
+
+    balance="resample": `repeat_counts` (key -> expected draws per epoch) is what the training
+    loader needs; the weights are then 1, the sampler balances. None for the other modes.
+    """
 
     def __init__(self, keys: Optional[np.ndarray], super_labels, sub_labels, super_sizes, sub_sizes,
                  k: int, m: int, balance: str):
@@ -40,10 +65,13 @@ class LabelTable:
         self.sub_labels = None if keys is None else torch.as_tensor(np.asarray(sub_labels), dtype=torch.long)
         self.super_w = self._inverse(super_sizes, m, balance)
         self.sub_w = self._inverse(sub_sizes, k, balance)
+        self.repeat_counts = None
+        if balance == "resample" and keys is not None:
+            self.repeat_counts = dict(zip(keys.tolist(), expected_counts(sub_labels, sub_sizes, m).tolist()))
 
     @staticmethod
     def _inverse(sizes, count: int, balance: str) -> torch.Tensor:
-        if balance == "none" or sizes is None:
+        if balance in ("none", "resample") or sizes is None:  # resample: the loader balances
             return torch.ones(count)
         sizes = torch.as_tensor(np.asarray(sizes), dtype=torch.float64)
         # empty clusters get weight 0: no sample carries them anyway
@@ -60,7 +88,8 @@ class LabelTable:
 
     @classmethod
     def rotnet(cls) -> "LabelTable":
-        """k = 1: every image in the one cluster, nothing to look up."""
+        """k = 1: every image in the one cluster, nothing to look up (nor to balance: with one
+        cluster the original's sampler draws every image once per epoch in expectation)."""
         return cls(None, None, None, None, None, 1, 1, "none")
 
     def lookup(self, keys: Sequence[str], labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
