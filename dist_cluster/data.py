@@ -7,6 +7,7 @@
         ...
     log(reduce_stats(loader.stats))       # counts of corrupt / lost / refilled samples, summed over ranks
     ShardLoader(..., device=torch.device("cuda"), decode="device")   # workers ship JPEG bytes, nvjpeg decodes
+    ShardLoader(..., repeat_counts=table.repeat_counts)   # balance=resample: key -> expected draws per epoch
 
 Plan (from the manifest alone, identical on every rank, independent of the epoch): shards go to
 ranks greedily (largest first to the least-loaded rank), then the same way to the rank's DataLoader
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 import webdataset as wds
@@ -169,6 +170,10 @@ class ShardLoader:
     fails there leaves its batch short.
     max_image_pixels: images whose header declares more pixels are skipped before decoding (0: no
     limit); labels outside [0, len(manifest.classes)) too; both counted (data_worker.skip_reason).
+    repeat_counts (training only; train.balance=resample, targets.LabelTable.repeat_counts): key ->
+    expected draws per epoch, for this rank's keys; the workers repeat or drop each raw sample by
+    seeded stochastic rounding of it (data_worker.draw_count). The batch count stays the one above:
+    a worker's resampled stream is cut at its quota or continued with more passes.
     len(loader) is the epoch's batch count; iteration yields len(loader) - skip_batches of them.
     """
 
@@ -177,11 +182,14 @@ class ShardLoader:
                  equal_steps: bool = True, skip_batches: int = 0, shuffle_buffer: int = 1000,
                  max_samples: int = 0, pin_memory: bool = False, mp_context: Optional[str] = None,
                  device: Optional[torch.device] = None, allow_short_shards: bool = False,
-                 decode: str = "cpu", max_image_pixels: int = DEFAULT_MAX_PIXELS):
+                 decode: str = "cpu", max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 repeat_counts: Optional[Mapping[str, float]] = None):
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         if decode not in ("cpu", "device"):
             raise ValueError(f"decode must be 'cpu' or 'device', got {decode!r}")
+        if repeat_counts is not None and not equal_steps:
+            raise ValueError("repeat_counts (resampling) is for training loaders; extraction reads every sample once")
         if decode == "device" and device is None:
             device = torch.device("cpu")  # decoded in the main process, on its CPU
         self.manifest = load_manifest(shard_dir)
@@ -190,6 +198,7 @@ class ShardLoader:
         self.manifest.check_files(shard_dir, [name for plan in self.plans for name, _ in plan])
         self.capacities = [sum(t for _, t in p) for p in self.plans]
         self.num_workers, self.pin_memory, self.transform = num_workers, pin_memory, transform
+        self.repeat_counts = repeat_counts
         self.mp_context = mp_context  # None: the platform default; "fork" starts workers fastest
         self.device = device  # set: uint8 batches go there and are normalised there (4x less IPC, PCIe)
         if equal_steps:
@@ -235,7 +244,7 @@ class ShardLoader:
                  for w, (p, q, s) in enumerate(zip(self.plans, self.worker_batches, self._skips))]
         slots = slots[self._first_slot:] + slots[:self._first_slot]
         pipeline = wds.DataPipeline([slots], wds.split_by_worker,  # [slots]: a list arg is read as stages
-                                    WorkerReader(dict(self.cfg), self.transform, self._counters))
+                                    WorkerReader(dict(self.cfg), self.transform, self._counters, self.repeat_counts))
         loader = DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False, in_order=True,
                             multiprocessing_context=self.mp_context if self.num_workers else None,
@@ -258,20 +267,23 @@ class ShardLoader:
 
 
 def make_loader(cfg_data, shard_dir: str, rank: int, world: int, transform: Callable, seed: int, epoch: int,
-                train: bool, device: torch.device, skip_batches: int = 0) -> ShardLoader:
+                train: bool, device: torch.device, skip_batches: int = 0,
+                repeat_counts: Optional[Mapping[str, float]] = None) -> ShardLoader:
     """ShardLoader from the `data` config section: train=True shuffles with equal steps, else extraction.
 
     `device` is the run's device (distributed.env().device), never guessed from what the machine
     has: on CUDA, batches arrive there as uint8 from pinned memory and are normalised there (4x less
     than float32 over PCIe); on CPU the workers normalise them. cfg_data.decode=device: JPEGs are
     decoded on `device` in this process (nvjpeg on CUDA), not in the workers.
+    repeat_counts: balance=resample (training only, see ShardLoader).
     """
     cuda, on_device = device.type == "cuda", cfg_data.decode == "device"
     return ShardLoader(shard_dir, rank, world, cfg_data.batch_size, cfg_data.num_workers, transform, seed, epoch,
                        shuffle=train, equal_steps=train, skip_batches=skip_batches,
                        shuffle_buffer=cfg_data.shuffle_buffer, max_samples=cfg_data.max_samples, pin_memory=cuda,
                        device=device if cuda or on_device else None, allow_short_shards=cfg_data.allow_short_shards,
-                       decode=cfg_data.decode, max_image_pixels=cfg_data.max_image_pixels)
+                       decode=cfg_data.decode, max_image_pixels=cfg_data.max_image_pixels,
+                       repeat_counts=repeat_counts if train else None)
 
 
 def reduce_stats(stats: dict, group=None) -> dict:

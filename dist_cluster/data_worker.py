@@ -1,7 +1,12 @@
 """What runs inside each DataLoader worker: read its tars, drop corrupt samples, decode, batch.
 
-    stream: shards (shuffled per epoch) -> raw samples -> shuffle buffer -> resume skip (raw bytes,
-    nothing decoded) -> decode + per-sample transform -> batch [-> finish_batch]
+    stream: shards (shuffled per epoch) -> raw samples [-> resample] -> shuffle buffer -> resume skip
+    (raw bytes, nothing decoded) -> decode + per-sample transform -> batch [-> finish_batch]
+
+Resample (train.balance=resample, `repeat_counts`: key -> expected draws per epoch): each raw sample
+is repeated draw_count times, 0 drops it; a pure function of (seed, epoch, key, pass), so the resume
+skip replays the same copies. Before the shuffle buffer, which spreads the copies; each copy has
+its own augmentation. The quota then cuts a long stream, more passes (new draws) fill a short one.
 
 With decode="device" the stream is the same up to the batch, but JPEGs are not decoded here: the
 batch carries their bytes (EncodedBatch) and the main process decodes them on the run's device
@@ -19,6 +24,9 @@ main process (ShardLoader.stats in dist_cluster/data.py) sees them:
     lost_truncated    manifest count - samples read      refilled         samples from a second pass
     skipped_resume    raw samples passed over by skip_batches (never decoded)
     skipped_too_large header over max_image_pixels   skipped_bad_label .cls outside the classes
+    repeated / dropped / unlabelled   resample, over the raw samples read: copies beyond the first,
+                      samples drawn 0 times, keys without an expected count (dropped; extraction
+                      found them corrupt, so they have no cluster)
 Device mode: `decoded` also counts the JPEGs passed on undecoded; those the main process then cannot
 decode move from `samples` to `skipped_corrupt` (its own row of the counters).
 """
@@ -26,11 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import random
 import tarfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -42,8 +51,10 @@ from torchvision.transforms.v2.functional import to_dtype
 from .image_header import image_pixels
 
 STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_truncated",
-             "refilled", "skipped_resume", "skipped_too_large", "skipped_bad_label")
-SKIP_KEYS = ("skipped_corrupt", "skipped_too_large", "skipped_bad_label")  # why a sample was dropped
+             "refilled", "skipped_resume", "skipped_too_large", "skipped_bad_label",
+             "repeated", "dropped", "unlabelled")
+SKIP_KEYS = ("skipped_corrupt", "skipped_too_large", "skipped_bad_label",
+             "repeated", "dropped", "unlabelled")  # why a sample was dropped
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000: 150 MB as RGB uint8; data.max_image_pixels
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # jpeg, png, gif (+ webp below)
@@ -63,6 +74,7 @@ class EncodedBatch(NamedTuple):
     keys: list
     labels: torch.Tensor  # int64 [B]
     passes: list  # pass of each sample: part of its augmentation seed, and of the `refilled` count
+    copies: list  # copy index of each sample (resample), part of its augmentation seed
 
 
 def _split_name(name: str) -> tuple[Optional[str], str]:
@@ -129,6 +141,14 @@ def _seed64(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def draw_count(expected: float, seed: int, epoch: int, key: str, pass_index: int) -> int:
+    """floor(expected) or ceil(expected), the latter with probability frac(expected): stochastic
+    rounding, unbiased, drawn from (seed, epoch, key, pass) alone so a resumed epoch redraws it."""
+    whole = math.floor(expected)
+    uniform = _seed64("resample", seed, epoch, key, pass_index) / (1 << 63)
+    return whole + (uniform < expected - whole)
+
+
 def _image_bytes(sample: dict) -> Optional[bytes]:
     return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
 
@@ -180,11 +200,13 @@ def check_same_shape(images) -> None:
 
 
 def seeded_per_sample(per_sample: Callable, image: torch.Tensor, seed: int, epoch: int, key: str,
-                      pass_index: int) -> torch.Tensor:
-    """per_sample(image) with the global CPU generator seeded from (seed, epoch, key, pass): the same
-    augmentation wherever it runs (worker, main process, on a CUDA tensor: v2 draws its random
-    parameters on the CPU), so a resumed epoch repeats it. The caller forks the RNG if it must."""
-    torch.default_generator.manual_seed(_seed64(seed, epoch, key, pass_index))  # 1 us; torch.manual_seed: 150 us
+                      pass_index: int, copy: int = 0) -> torch.Tensor:
+    """per_sample(image) with the global CPU generator seeded from (seed, epoch, key, pass[, copy]):
+    the same augmentation wherever it runs (worker, main process, on a CUDA tensor: v2 draws its
+    random parameters on the CPU), so a resumed epoch repeats it; each resampled copy its own (copy
+    0 keeps the seed it had before resampling existed). The caller forks the RNG if it must."""
+    parts = (seed, epoch, key, pass_index) + ((copy,) if copy else ())
+    torch.default_generator.manual_seed(_seed64(*parts))  # 1 us; torch.manual_seed: 150 us
     return per_sample(image)
 
 
@@ -218,8 +240,10 @@ class WorkerReader:
     counters are a shared-memory tensor, so the main process sees every worker's counts.
     """
 
-    def __init__(self, cfg: dict, transform: Optional[Callable], counters: torch.Tensor):
+    def __init__(self, cfg: dict, transform: Optional[Callable], counters: torch.Tensor,
+                 repeat_counts: Optional[Mapping[str, float]] = None):
         self.cfg, self.transform, self.counters = cfg, transform, counters
+        self.repeat_counts = repeat_counts  # resample: key -> expected draws per epoch (this rank's keys)
         # transforms.SampleThenBatch: the elementwise tail runs once on the stacked batch
         self._per_sample = getattr(transform, "per_sample", transform)
         # no device: the workers finish the batch (parallel CPU); a device: uint8 crosses (4x less
@@ -237,13 +261,16 @@ class WorkerReader:
     def _flush(self, worker: int, stats: dict) -> None:
         self.counters[worker] = torch.tensor([stats[k] for k in STAT_KEYS], dtype=torch.int64)
 
-    def _raw_pass(self, slot: dict, pass_index: int, stats: dict) -> Iterator[dict]:
+    def _raw_pass(self, slot: dict, pass_index: int, stats: dict, tally: dict) -> Iterator[dict]:
         c, plan = self.cfg, list(slot["plan"])
         seeds = (c["seed"], c["epoch"], c["rank"], slot["worker"], pass_index)
         if c["shuffle"]:
             random.Random(_seed64("shards", *seeds)).shuffle(plan)
         samples = (s for name, take in plan
                    for s in read_tar(str(Path(c["root"]) / name), take, stats, c["allow_short_shards"]))
+        samples = self._tallied(samples, tally)
+        if self.repeat_counts is not None:
+            samples = self._resampled(samples, pass_index, stats, tally)
         if c["shuffle"] and c["shuffle_buffer"] > 1:
             buffer = c["shuffle_buffer"]
             samples = wds.shuffle(buffer, buffer, rng=random.Random(_seed64("buffer", *seeds)))(samples)
@@ -251,42 +278,69 @@ class WorkerReader:
             sample["__pass__"] = pass_index
             yield sample
 
+    @staticmethod
+    def _tallied(samples: Iterator[dict], tally: dict) -> Iterator[dict]:
+        for sample in samples:
+            tally["read"] += 1
+            yield sample
+
+    def _resampled(self, samples: Iterator[dict], pass_index: int, stats: dict, tally: dict) -> Iterator[dict]:
+        """Each sample draw_count times (copies share its bytes), tagged with its copy index."""
+        c = self.cfg
+        for sample in samples:
+            expected = self.repeat_counts.get(sample["__key__"])
+            if expected is None:
+                stats["unlabelled"] += 1
+                continue
+            tally["labelled"] += 1
+            count = draw_count(expected, c["seed"], c["epoch"], sample["__key__"], pass_index)
+            stats["dropped"] += count == 0
+            stats["repeated"] += max(count - 1, 0)
+            for copy in range(count):
+                yield {**sample, "__copy__": copy}
+
     def _raw_stream(self, slot: dict, stats: dict) -> Iterator[dict]:
         """Pass 0 of the worker's shards, then (equal_steps only) more passes while batches are owed."""
         passes = range(1 << 30) if self.cfg["equal_steps"] else range(1)
         for pass_index in passes:
-            count = 0
-            for sample in self._raw_pass(slot, pass_index, stats):
-                count += 1
-                yield sample
-            if count == 0 and self.cfg["equal_steps"]:
-                raise RuntimeError(f"rank {self.cfg['rank']} worker {slot['worker']}: no readable sample in "
-                                   f"{[n for n, _ in slot['plan']]}; cannot fill {slot['quota']} batches")
+            tally = dict(read=0, labelled=0)
+            yield from self._raw_pass(slot, pass_index, stats, tally)
+            if not self.cfg["equal_steps"]:
+                continue
+            where = f"rank {self.cfg['rank']} worker {slot['worker']}"
+            if tally["read"] == 0:
+                raise RuntimeError(f"{where}: no readable sample in {[n for n, _ in slot['plan']]}; "
+                                   f"cannot fill {slot['quota']} batches")
+            if self.repeat_counts is not None and tally["labelled"] == 0:  # resampled passes may be empty, not this
+                raise RuntimeError(f"{where}: none of the {tally['read']} keys read has a cluster label "
+                                   "(balance=resample): shard ownership changed since the clustering?")
 
     def _good_samples(self, raw: Iterator[dict], stats: dict) -> Iterator[tuple]:
-        c, last_good_pass = self.cfg, None
+        c, current_pass, good_in_pass = self.cfg, None, True
         in_main = get_worker_info() is None
         for sample in raw:
-            if last_good_pass is None:
-                last_good_pass = sample["__pass__"] - 1
-            if sample["__pass__"] > last_good_pass + 1:  # a whole pass without one good sample
-                skipped = ", ".join(f"{k}={stats[k]}" for k in SKIP_KEYS)
-                raise RuntimeError(f"rank {c['rank']}: a full pass over a worker's shards gave no decodable "
-                                   f"sample ({skipped}); cannot fill the epoch")
+            # passes that yield nothing (resample can drop a whole pass) are not seen here: only a
+            # pass that gave samples, none decodable, means the shards cannot fill the epoch
+            if sample["__pass__"] != current_pass:
+                if not good_in_pass:
+                    skipped = ", ".join(f"{k}={stats[k]}" for k in SKIP_KEYS)
+                    raise RuntimeError(f"rank {c['rank']}: a full pass over a worker's shards gave no decodable "
+                                       f"sample ({skipped}); cannot fill the epoch")
+                current_pass, good_in_pass = sample["__pass__"], False
             reason = self._skip_reason(sample)
             decoded = None if reason else self._decode(sample)
             stats["decoded"] += 1  # device mode: a JPEG is counted here, decoded in the main process
             if decoded is None:
                 stats[reason or "skipped_corrupt"] += 1
                 continue
-            last_good_pass = sample["__pass__"]
+            good_in_pass = True
             image, label = decoded
             if self.transform is not None and isinstance(image, torch.Tensor):
                 # in the main process (num_workers=0) the caller's global RNG is left as it was
                 with torch.random.fork_rng(devices=[]) if in_main else contextlib.nullcontext():
                     image = seeded_per_sample(self._per_sample, image, c["seed"], c["epoch"], sample["__key__"],
-                                              sample["__pass__"])
-            yield image, sample["__key__"], label, sample["__pass__"]
+                                              sample["__pass__"], sample.get("__copy__", 0))
+            yield image, sample["__key__"], label, sample["__pass__"], sample.get("__copy__", 0)
 
     def _skip_reason(self, sample: dict) -> Optional[str]:
         c = self.cfg
@@ -335,7 +389,7 @@ class WorkerReader:
         stats["refilled"] += sum(item[3] > 0 for item in items)
         if self.cfg["decode"] == "device":
             return _collate_encoded(items)
-        images, keys, labels, passes = zip(*items)
+        images, keys, labels, _, _ = zip(*items)
         check_same_shape(images)
         shape = (len(images), *images[0].shape)
         batch = torch.stack(images, out=_worker_tensor(shape, images[0].dtype))
@@ -345,8 +399,8 @@ class WorkerReader:
 
 
 def _collate_encoded(items: list[tuple]) -> EncodedBatch:
-    """EncodedBatch of (JPEG bytes or decoded uint8 image, key, label, pass) items."""
-    values, keys, labels, passes = zip(*items)
+    """EncodedBatch of (JPEG bytes or decoded uint8 image, key, label, pass, copy) items."""
+    values, keys, labels, passes, copies = zip(*items)
     jpeg_at = [i for i, v in enumerate(values) if isinstance(v, bytes)]
     sizes = [len(values[i]) for i in jpeg_at]
     data = _worker_tensor((sum(sizes),), torch.uint8)
@@ -360,7 +414,7 @@ def _collate_encoded(items: list[tuple]) -> EncodedBatch:
         check_same_shape(images)
         stacked = torch.stack(images, out=_worker_tensor((len(images), *images[0].shape), images[0].dtype))
     return EncodedBatch(data, sizes, jpeg_at, stacked, list(keys), torch.tensor(labels, dtype=torch.long),
-                        list(passes))
+                        list(passes), list(copies))
 
 
 def _worker_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:

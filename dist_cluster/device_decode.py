@@ -120,7 +120,7 @@ class DeviceDecoder:
             for position, image in zip(batch.jpeg_at, decoded):
                 if image is not None:
                     image = seeded_per_sample(self.per_sample, image, c["seed"], c["epoch"], batch.keys[position],
-                                              batch.passes[position])
+                                              batch.passes[position], batch.copies[position])
                 out.append(image)
         return out
 
