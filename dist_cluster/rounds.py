@@ -87,11 +87,12 @@ class Run:
 
     # ------------------------------------------------------------------ stages
 
-    def loader(self, epoch: int, train: bool, skip_batches: int = 0) -> ShardLoader:
+    def loader(self, epoch: int, train: bool, skip_batches: int = 0, repeat_counts=None) -> ShardLoader:
+        """repeat_counts: LabelTable.repeat_counts (balance=resample), for training loaders only."""
         d = self.cfg.data
         transform = train_transform(d.image_size, d.min_scale) if train else extract_transform(d.resize, d.image_size)
         return make_loader(d, d.train, self.env.rank, self.env.world_size, transform, self.cfg.seed, epoch,
-                           train=train, device=self.device, skip_batches=skip_batches)
+                           train=train, device=self.device, skip_batches=skip_batches, repeat_counts=repeat_counts)
 
     def cluster(self, round_idx: int, prev):
         """EXTRACT + CLUSTER for one round; returns this rank's cluster state (None for RotNet)."""
@@ -237,7 +238,7 @@ class Run:
         last_epoch = min((round_idx + 1) * self.cfg.train.reassign, self.cfg.train.epochs)
         while self.state["epoch"] < last_epoch:
             epoch, skip = self.state["epoch"], self.state["step"]
-            loader = self.loader(epoch, train=True, skip_batches=skip)
+            loader = self.loader(epoch, train=True, skip_batches=skip, repeat_counts=table.repeat_counts)
             wire_start = distributed.loopback_bytes()
             summary = train_epoch(self.model, self.heads, table, loader, self.trunk_opt, self.head_opt,
                                   self.cfg, self.device, self.logger, self.state, self.total_steps,
