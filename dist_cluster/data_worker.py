@@ -311,7 +311,8 @@ class WorkerReader:
             if tally["read"] == 0:
                 raise RuntimeError(f"{where}: no readable sample in {[n for n, _ in slot['plan']]}; "
                                    f"cannot fill {slot['quota']} batches")
-            if self.repeat_counts is not None and tally["labelled"] == 0:  # resampled passes may be empty, not this
+            # a resampled pass may yield nothing (all drawn 0 times); a pass of unknown keys is an error
+            if self.repeat_counts is not None and tally["labelled"] == 0:
                 raise RuntimeError(f"{where}: none of the {tally['read']} keys read has a cluster label "
                                    "(balance=resample): shard ownership changed since the clustering?")
 
