@@ -1,12 +1,7 @@
 """What runs inside each DataLoader worker: read its tars, drop corrupt samples, decode, batch.
 
-    stream: shards (shuffled per epoch) -> raw samples [-> resample] -> shuffle buffer -> resume skip
-    (raw bytes, nothing decoded) -> decode + per-sample transform -> batch [-> finish_batch]
-
-Resample (train.balance=resample, `repeat_counts`: key -> expected draws per epoch): each raw sample
-is repeated draw_count times, 0 drops it; a pure function of (seed, epoch, key, pass), so the resume
-skip replays the same copies. Before the shuffle buffer, which spreads the copies; each copy has
-its own augmentation. The quota then cuts a long stream, more passes (new draws) fill a short one.
+    stream: shards (shuffled per epoch) -> raw samples [-> resample: dist_cluster/resample.py] -> shuffle
+    buffer -> resume skip (raw bytes, nothing decoded) -> decode + per-sample transform -> batch [-> finish_batch]
 
 With decode="device" the stream is the same up to the batch, but JPEGs are not decoded here: the
 batch carries their bytes (EncodedBatch) and the main process decodes them on the run's device
@@ -24,9 +19,8 @@ main process (ShardLoader.stats in dist_cluster/data.py) sees them:
     lost_truncated    manifest count - samples read      refilled         samples from a second pass
     skipped_resume    raw samples passed over by skip_batches (never decoded)
     skipped_too_large header over max_image_pixels   skipped_bad_label .cls outside the classes
-    repeated / dropped / unlabelled   resample, over the raw samples read: copies beyond the first,
-                      samples drawn 0 times, keys without an expected count (dropped; extraction
-                      found them corrupt, so they have no cluster)
+    repeated, dropped, unlabelled     resample (raw samples read): extra copies, samples drawn 0 times,
+                      keys without a count (extraction found them corrupt: no cluster, dropped)
 Device mode: `decoded` also counts the JPEGs passed on undecoded; those the main process then cannot
 decode move from `samples` to `skipped_corrupt` (its own row of the counters).
 """
@@ -34,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import random
 import tarfile
 import warnings
@@ -49,12 +42,12 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 from .image_header import image_pixels
+from .resample import resampled
 
 STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_truncated",
              "refilled", "skipped_resume", "skipped_too_large", "skipped_bad_label",
              "repeated", "dropped", "unlabelled")
-SKIP_KEYS = ("skipped_corrupt", "skipped_too_large", "skipped_bad_label",
-             "repeated", "dropped", "unlabelled")  # why a sample was dropped
+SKIP_KEYS = ("skipped_corrupt", "skipped_too_large", "skipped_bad_label")  # why a sample was dropped
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000: 150 MB as RGB uint8; data.max_image_pixels
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # jpeg, png, gif (+ webp below)
@@ -139,14 +132,6 @@ def _short_shard(path: str, take: int, yielded: int, error: Optional[Exception],
 def _seed64(*parts) -> int:
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def draw_count(expected: float, seed: int, epoch: int, key: str, pass_index: int) -> int:
-    """floor(expected) or ceil(expected), the latter with probability frac(expected): stochastic
-    rounding, unbiased, drawn from (seed, epoch, key, pass) alone so a resumed epoch redraws it."""
-    whole = math.floor(expected)
-    uniform = _seed64("resample", seed, epoch, key, pass_index) / (1 << 63)
-    return whole + (uniform < expected - whole)
 
 
 def _image_bytes(sample: dict) -> Optional[bytes]:
@@ -270,7 +255,7 @@ class WorkerReader:
                    for s in read_tar(str(Path(c["root"]) / name), take, stats, c["allow_short_shards"]))
         samples = self._tallied(samples, tally)
         if self.repeat_counts is not None:
-            samples = self._resampled(samples, pass_index, stats, tally)
+            samples = resampled(samples, self.repeat_counts, c["seed"], c["epoch"], pass_index, stats, tally)
         if c["shuffle"] and c["shuffle_buffer"] > 1:
             buffer = c["shuffle_buffer"]
             samples = wds.shuffle(buffer, buffer, rng=random.Random(_seed64("buffer", *seeds)))(samples)
@@ -283,21 +268,6 @@ class WorkerReader:
         for sample in samples:
             tally["read"] += 1
             yield sample
-
-    def _resampled(self, samples: Iterator[dict], pass_index: int, stats: dict, tally: dict) -> Iterator[dict]:
-        """Each sample draw_count times (copies share its bytes), tagged with its copy index."""
-        c = self.cfg
-        for sample in samples:
-            expected = self.repeat_counts.get(sample["__key__"])
-            if expected is None:
-                stats["unlabelled"] += 1
-                continue
-            tally["labelled"] += 1
-            count = draw_count(expected, c["seed"], c["epoch"], sample["__key__"], pass_index)
-            stats["dropped"] += count == 0
-            stats["repeated"] += max(count - 1, 0)
-            for copy in range(count):
-                yield {**sample, "__copy__": copy}
 
     def _raw_stream(self, slot: dict, stats: dict) -> Iterator[dict]:
         """Pass 0 of the worker's shards, then (equal_steps only) more passes while batches are owed."""
@@ -320,8 +290,7 @@ class WorkerReader:
         c, current_pass, good_in_pass = self.cfg, None, True
         in_main = get_worker_info() is None
         for sample in raw:
-            # passes that yield nothing (resample can drop a whole pass) are not seen here: only a
-            # pass that gave samples, none decodable, means the shards cannot fill the epoch
+            # a pass that gave samples, none good (a pass with none at all: resample dropped them all)
             if sample["__pass__"] != current_pass:
                 if not good_in_pass:
                     skipped = ", ".join(f"{k}={stats[k]}" for k in SKIP_KEYS)

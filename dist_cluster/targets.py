@@ -13,7 +13,7 @@ Balancing ("big clusters must not dominate"), train.balance:
   resample  the original's sampler (DistUnifTargSampler: uniform over non-empty super-clusters, then
             over the super-cluster's non-empty sub-clusters, then over the cluster's images) realised
             in the stream: image i is read `expected_counts` times per epoch in expectation
-            (repeated or dropped by the loader workers, data_worker.draw_count) and weighs 1.
+            (repeated or dropped by the loader workers, dist_cluster/resample.py) and weighs 1.
   none      every sample weighs 1, read once per epoch.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .resample import expected_counts
 from .transforms import rotate_batch
 
 
@@ -34,20 +35,6 @@ class Targets:
     sub_local: torch.Tensor  # [B] in [0, k // m)
     super_weight: torch.Tensor  # [B]
     sub_weight: torch.Tensor  # [B]
-
-
-def expected_counts(sub_labels, sub_sizes, m: int) -> np.ndarray:
-    """Draws of each image in an epoch of N = sum(sub_sizes) draws of the original's sampler:
-    e_i = N / (m' * k'_s * |c|), with m' the non-empty super-clusters, k'_s the non-empty
-    sub-clusters of i's super-cluster s and |c| the size of i's sub-cluster c (global ids: c // (k/m) == s).
-
-    Depends on the global sizes and i's own label only: each rank computes it for its own images.
-    """
-    sizes = np.asarray(sub_sizes, dtype=np.int64)
-    sub = np.asarray(sub_labels, dtype=np.int64)
-    per_super = (sizes > 0).reshape(m, -1).sum(1)  # k'_s
-    draws = sizes.sum() / (np.count_nonzero(per_super) * per_super[sub // (len(sizes) // m)])
-    return draws / np.maximum(sizes[sub], 1)  # an image's cluster is never empty; max: no 0/0 warning
 
 
 class LabelTable:
