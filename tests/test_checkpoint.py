@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dist_cluster import checkpoint
+from tests.ci import skip_unless_ci
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,9 +211,9 @@ def test_a_full_tmpfs(tmp_path):
         proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, TMPFS_SCRIPT], cwd=ROOT, capture_output=True,
                               text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     except FileNotFoundError:
-        pytest.skip("no unshare")
+        skip_unless_ci("no unshare (util-linux)")
     if proc.returncode == 77 or "unshare failed" in proc.stderr:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[-200:]}")
+        skip_unless_ci(f"cannot mount a tmpfs here: {proc.stderr.strip()[-200:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["error"].startswith(f"checkpoint not saved: no space left in {mount / 'checkpoints'} for ")
