@@ -85,6 +85,30 @@ def pick_backend_and_device(backend: str, device: str, local_rank: int) -> tuple
     return backend, dev
 
 
+def attempt_store(world: int, timeout: datetime.timedelta, environ: Optional[dict] = None):
+    """The rendezvous store of this torchrun attempt: the agent's store under a prefix of its own;
+    None outside torchrun's agent store (init_process_group then reads MASTER_ADDR/PORT itself).
+
+    Why: torchrun's agent hosts ONE TCPStore for all its attempts (torch 2.14: dynamic_rendezvous
+    keeps its `_shared_tcp_store_server`, TORCHELASTIC_USE_AGENT_STORE=True) and the workers use it
+    without a per-attempt prefix (rendezvous._create_c10d_store: "We create a new TCPStore for every
+    retry so no need to add prefix", which the shared server makes untrue). Gloo's connect keys
+    (`default_pg/0//cpu//0/<rank>`: each rank's listening address) of the killed attempt are still
+    there when `--max-restarts` starts the next one, so a restarted rank may read a dead peer's
+    address: it connects to nothing (refused, init fails within seconds) or waits for a peer that is
+    itself connecting elsewhere (both ranks block in `_create_gloo_process_group` until gloo's
+    connect timeout, minutes). NCCL's unique id is published through the same store. Under
+    `attempt<TORCHELASTIC_RESTART_COUNT>/` every attempt starts from an empty namespace.
+    Limit: an elastic membership change re-rendezvouses without counting a restart (multi-node
+    `--nnodes MIN:MAX` only); runs here use a fixed node count.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_cluster/attempt{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
 def init(backend: str = "auto", timeout_s: int = 600, device: str = "auto") -> DistEnv:
     """Initialise the default process group once; later calls return the same environment."""
     global _ENV
@@ -95,8 +119,8 @@ def init(backend: str = "auto", timeout_s: int = 600, device: str = "auto") -> D
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s),
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=attempt_store(world, timeout),
                             device_id=dev if dev.type == "cuda" else None)
     _ENV = DistEnv(rank, world, local_rank, dev, backend)
     return _ENV

@@ -48,3 +48,46 @@ def _groups_allreduce(rank, world):
 def test_subgroup_allreduce_4_ranks():
     results = run_ranks(_groups_allreduce, 4)
     assert results == [[1.0], [1.0], [5.0], [5.0]]
+
+
+def _init_in_attempt(rank, port, attempt, queue):
+    """One rank of torchrun attempt `attempt`: the agent's store, no prefix of torchrun's own."""
+    import os
+    import time
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+                      TORCHELASTIC_RESTART_COUNT=str(attempt))
+    time.sleep(1.5 * rank)  # rank 0 publishes its address and reads rank 1's before rank 1 rewrites it
+    try:
+        distributed.init(backend="gloo", timeout_s=20, device="cpu")
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        queue.put((rank, t.item()))
+        distributed.shutdown()
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        queue.put((rank, repr(err)[:300]))
+
+
+def test_torchrun_restart_attempts_do_not_read_each_others_addresses():
+    """torchrun keeps one store for all attempts of a run (TORCHELASTIC_USE_AGENT_STORE): attempt 1
+    must not connect to the addresses attempt 0 published there (the restart hang of kill -9)."""
+    import queue as queue_module
+    import torch.multiprocessing as mp
+    agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    for attempt in range(2):
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_init_in_attempt, args=(r, agent_store.port, attempt, results))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        try:
+            got = dict(results.get(timeout=60) for _ in procs)
+        except queue_module.Empty:
+            got = "no answer within 60 s (blocked in init_process_group)"
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+        assert got == {0: 2.0, 1: 2.0}, f"attempt {attempt}: {got}"
