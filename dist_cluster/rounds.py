@@ -258,9 +258,14 @@ class Run:
     def stop_for_preemption(self, save: bool = True):
         if save:
             self.save()
+        # save=False (EXTRACT/CLUSTER, or the epoch-end save just done): last.pt, when there is one,
+        # holds this step; round 0 of a fresh run has none
+        last = checkpoint.ckpt_dir(self.run_dir) / "last.pt"
+        held = last if save or last.exists() else None
         self.logger.event("preempted", step=self.state["global_step"], round=self.state["round"],
-                          epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"])
-        raise preemption.Preempted(self.state["global_step"])
+                          epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"],
+                          checkpoint=None if held is None else str(held))
+        raise preemption.Preempted(self.state["global_step"], held)
 
     def finish(self) -> None:
         if distributed.is_main():
@@ -273,26 +278,27 @@ class Run:
 def train(cfg, on_preempted=None) -> None:
     """One rank's whole run (launch/train.py, slurm.Trainer): init, Run(cfg).run(), shutdown.
 
-    On the preemption signal all ranks save the same step; then `on_preempted(stop, previous_handler)`
-    runs on every rank (slurm.Trainer: submitit's requeue on task 0), the ranks meet at a barrier
-    so that none exits before the requeue is asked for, and each exits with PREEMPTED_EXIT_CODE
-    unless on_preempted exited first.
+    On the preemption signal all ranks save the same step; then (preemption.stop_and_exit) rank 0
+    writes RUN/preempted.json, `on_preempted(stop, previous_handler)` runs on every rank
+    (slurm.Trainer: submitit's requeue on task 0), the ranks meet at a barrier so that none exits
+    before the requeue is asked for, and each exits with PREEMPTED_EXIT_CODE unless on_preempted
+    exited first. What the launchers then report: preemption.py's docstring.
     """
     previous_handler = preemption.install()  # before init: a signal during start-up is kept
     check_resume(cfg)  # before init and before config.yaml: another run's run_dir fails untouched
-    with distributed.session(cfg.dist):
-        if distributed.is_main():
+    with distributed.session(cfg.dist) as env:
+        if env.is_main:
             save_config(cfg, cfg.run_dir)
+            preemption.clear_marker(cfg.run_dir)
+            note = preemption.launcher_note()
+            if note:
+                print(note, flush=True)
         try:
             Run(cfg).run()
         except preemption.Preempted as stop:
             distributed.print0(str(stop))
-            try:
-                if on_preempted is not None:
-                    on_preempted(stop, previous_handler)
-            finally:
-                comm.barrier()
-            raise SystemExit(preemption.PREEMPTED_EXIT_CODE) from None
+            preemption.stop_and_exit(stop, cfg.run_dir, env.is_main, env.world_size, on_preempted,
+                                     previous_handler)
 
 
 def check_resume(cfg) -> list:

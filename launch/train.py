@@ -9,8 +9,13 @@ Any config key can be overridden as key=value (see dist_cluster/config.py); unkn
 and a data.train that cannot hold the run (missing shards, k above its image count) fail before any
 work. Running the same command again resumes from RUN/checkpoints/last.pt; a resume may change only
 the keys of dist_cluster/config.py RESUMABLE_KEYS (train.epochs to extend a run, ...), others fail.
-On USR2 (SLURM's `--signal=USR2@<delay>`, sent to every rank) the ranks save the step they are in
-and exit with code 75; under SLURM use one task per GPU (`srun`), not torchrun, which USR2 kills.
+On USR2 (SLURM's `--signal=USR2@<delay>`, sent to every rank) the ranks save the step they are in,
+rank 0 writes RUN/preempted.json, and every rank exits with code 75. `srun` (one task per GPU) then
+exits 75; torchrun exits 1 for a preemption and a crash alike: read RUN/preempted.json
+(`[ -e RUN/preempted.json ] && exit 75`). Signal the ranks, not torchrun: a USR2 to torchrun kills
+it and orphans the ranks unless it runs with `--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2`.
+`torchrun --max-restarts N` restarts the ranks after one dies (they resume from last.pt) and after a
+preemption too: use --max-restarts 0 under a wrapper that requeues.
 --export-init writes the untrained trunk (RUN/export/, RUN/config.yaml) and exits: the random-init
 baseline of bench/quality.py, evaluated like any run (launch/eval.py --run RUN).
 """

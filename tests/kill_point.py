@@ -1,5 +1,7 @@
-"""launch/train.py with one rank killed (SIGKILL, as `kill -9`) at a chosen point of the first
-torchrun attempt; restarted attempts (TORCHELASTIC_RESTART_COUNT > 0) run untouched.
+"""launch/train.py with one rank killed (SIGKILL, as `kill -9`) or sent USR2 at a chosen point of
+the first torchrun attempt; restarted attempts (TORCHELASTIC_RESTART_COUNT > 0) run untouched.
+Every rank records the code it exits with in RUN/exit.rank<r>.json (torchrun does not print them
+when it stops on a signal of its own).
 
     torchrun --standalone --max-restarts 1 --nproc_per_node 2 tests/kill_point.py kmeans --config ...
 
@@ -12,6 +14,9 @@ about to enter one:
     save      rank 0, after writing last.pt of step 15, before the barrier that ends the save
 Before killing itself the rank writes RUN/killed.json (point, rank, time): the test measures the
 restart from there. `none` runs unchanged (the reference).
+USR2 (tests/test_launcher_exit.py), sent by rank 1 to itself, as SLURM would:
+    usr2-kmeans  before the 2nd level-1 M-step of round 0 (no checkpoint yet)
+    usr2-train   after global step 4
 """
 import json
 import os
@@ -24,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KILLED_RANK = {"extract": 0, "kmeans": 1, "route": 0, "train": 1, "save": 0}
+KILLED_RANK = {"extract": 0, "kmeans": 1, "route": 0, "train": 1, "save": 0, "usr2-kmeans": 1, "usr2-train": 1}
 
 
 def _run_dir() -> Path:
@@ -32,6 +37,9 @@ def _run_dir() -> Path:
 
 
 def die(point: str) -> None:
+    if point.startswith("usr2-"):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return
     (_run_dir() / "killed.json").write_text(json.dumps(
         {"point": point, "rank": int(os.environ["RANK"]), "time": time.time()}))
     os.kill(os.getpid(), signal.SIGKILL)
@@ -67,13 +75,13 @@ def install(point: str) -> None:
             return original_extract(trunk, _KillAfter(loader, 3) if calls["extract"] == 1 else loader,
                                     *args, **kwargs)
         rounds.extract_features = extract
-    elif point == "kmeans":
+    elif point in ("kmeans", "usr2-kmeans"):
         original_vote = preemption.UnevenLoopPoll.vote
 
         def vote():
             calls["vote"] += 1
-            if calls["vote"] == 3:
-                die("kmeans")
+            if calls["vote"] == (3 if point == "kmeans" else 2):
+                die(point)
             return original_vote()
         preemption.UnevenLoopPoll.vote = staticmethod(vote)
     elif point == "route":
@@ -85,12 +93,13 @@ def install(point: str) -> None:
                 die("route")
             return original_route(*args, **kwargs)
         comm.all_to_all_rows = route
-    elif point == "train":
+    elif point in ("train", "usr2-train"):
         original_hook = rounds.Run.maybe_checkpoint
+        at_step = 12 if point == "train" else 4
 
         def hook(self, state, save=False):
-            if not save and state["global_step"] == 12:
-                die("train")
+            if not save and state["global_step"] == at_step:
+                die(point)
             return original_hook(self, state, save)
         rounds.Run.maybe_checkpoint = hook
     elif point == "save":
@@ -111,7 +120,18 @@ def main() -> None:
     if point != "none" and first_attempt and int(os.environ["RANK"]) == KILLED_RANK[point]:
         install(point)
     sys.argv[0] = str(ROOT / "launch" / "train.py")
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    code = 0
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code
+        raise
+    except BaseException:
+        code = 1  # what the interpreter exits with on an uncaught exception
+        raise
+    finally:
+        _run_dir().mkdir(parents=True, exist_ok=True)
+        (_run_dir() / f"exit.rank{os.environ['RANK']}.json").write_text(json.dumps({"code": code}))
 
 
 if __name__ == "__main__":

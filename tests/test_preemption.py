@@ -125,3 +125,34 @@ def test_signal_during_clustering_stops_every_rank_at_the_same_poll(tmp_path):
     assert {len(r[1]) for r in level1} == {2}
     assert all(len(r[1]) > 4 and any(level == 2 for level, _, _ in r[1]) for r in level2)
     assert [r[0] for r in none] == ["done"] * 3 and all(r[2] for r in none)
+
+
+def test_the_message_names_the_checkpoint_only_when_there_is_one(tmp_path):
+    preemption.reset()
+    last = tmp_path / "checkpoints" / "last.pt"
+    held = str(preemption.Preempted(12, last))
+    assert held == f"preempted by SIGUSR2 at step 12; {last} holds this step: the same command resumes"
+    fresh = str(preemption.Preempted(0, None))  # stopped in round 0's EXTRACT/CLUSTER of a new run
+    assert fresh == "preempted by SIGUSR2 at step 0; no checkpoint yet: the run restarts from the beginning"
+
+
+def test_marker_is_written_then_cleared(tmp_path):
+    import json
+    preemption.reset()
+    path = preemption.write_marker(tmp_path, preemption.Preempted(7, tmp_path / "last.pt"), world_size=4)
+    assert json.loads(path.read_text()) | {"time": 0} == {
+        "step": 7, "signal": "SIGUSR2", "checkpoint": str(tmp_path / "last.pt"), "exit_code": 75,
+        "world_size": 4, "time": 0}
+    preemption.clear_marker(tmp_path)
+    preemption.clear_marker(tmp_path)  # none: nothing to do
+    assert not path.exists()
+
+
+def test_launcher_note_only_for_torchrun_in_slurm_without_forwarding():
+    torchrun_in_slurm = {"TORCHELASTIC_RUN_ID": "x", "SLURM_JOB_ID": "1",
+                         "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT"}
+    assert "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2" in preemption.launcher_note(torchrun_in_slurm)
+    forwarding = dict(torchrun_in_slurm, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM, SIGUSR2")
+    assert preemption.launcher_note(forwarding) is None
+    assert preemption.launcher_note({"TORCHELASTIC_RUN_ID": "x"}) is None  # a workstation: no SLURM signal
+    assert preemption.launcher_note({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0"}) is None  # srun, one task per GPU
