@@ -258,10 +258,13 @@ class Run:
     def stop_for_preemption(self, save: bool = True):
         if save:
             self.save()
-        # save=False (EXTRACT/CLUSTER, or the epoch-end save just done): last.pt, when there is one,
-        # holds this step; round 0 of a fresh run has none
-        last = checkpoint.ckpt_dir(self.run_dir) / "last.pt"
-        held = last if save or last.exists() else None
+        # the finished save of this step (file and checksum): just written, the round's start when
+        # stopped in EXTRACT/CLUSTER (or its round copy, resumed from one), none in a new run's round 0
+        g, r = self.state["global_step"], self.state["round"]
+        found = [checkpoint.shared_file(self.run_dir, g)]
+        if self.state["phase"] == "cluster" and r > 0:
+            found.append(checkpoint.ckpt_dir(self.run_dir) / f"round_{r - 1}.pt")
+        held = next((p for p in found if p.exists() and checkpoint.checksum_file(p).exists()), None)
         self.logger.event("preempted", step=self.state["global_step"], round=self.state["round"],
                           epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"],
                           checkpoint=None if held is None else str(held))

@@ -11,7 +11,8 @@ about to enter one:
     kmeans    rank 1, before the 3rd level-1 M-step all_reduce of round 0 (no checkpoint yet)
     route     rank 0, before the all_to_all that routes round 1's features (last.pt: round 1 start)
     train     rank 1, after global step 12 (mid-epoch; last.pt at step 10)
-    save      rank 0, after writing last.pt of step 15, before the barrier that ends the save
+    save      rank 0, once last.pt points at step 15's shared file, before the barrier that ends
+              the save (the other rank waits there; old rank files not yet pruned)
 Before killing itself the rank writes RUN/killed.json (point, rank, time): the test measures the
 restart from there. `none` runs unchanged (the reference).
 USR2 (tests/test_launcher_exit.py), sent by rank 1 to itself, as SLURM would:
@@ -103,14 +104,13 @@ def install(point: str) -> None:
             return original_hook(self, state, save)
         rounds.Run.maybe_checkpoint = hook
     elif point == "save":
-        original_save = checkpoint._atomic_save
+        original_point = checkpoint._point_last
 
-        def atomic_save(obj, path):
-            original_save(obj, path)
-            if path.name == "last.pt" and obj["global_step"] == 15:
+        def point_last(path, digest, round_copy):
+            original_point(path, digest, round_copy)
+            if path.name == checkpoint.shared_file("", 15).name:
                 die("save")
-        checkpoint._atomic_save = atomic_save
-
+        checkpoint._point_last = point_last
 
 def main() -> None:
     point = sys.argv.pop(1)

@@ -93,11 +93,12 @@ def test_usr2_to_one_rank_every_rank_exits_75(shards, tmp_path):
     assert "SIGTERM" not in output.split("Failures:")[-1]
     assert run.rank_codes() == [PREEMPTED_EXIT_CODE] * 2
     (stop,) = read_metrics(run.run_dir, "preempted")
-    last = run.run_dir / "checkpoints" / "last.pt"
-    assert f"preempted by SIGUSR2 at step {stop['step']}; {last} holds this step" in output
-    assert marker(run.run_dir) | {"time": 0} == {"step": stop["step"], "signal": "SIGUSR2", "checkpoint": str(last),
+    held = run.run_dir / "checkpoints" / f"shared.step{stop['step']}.pt"
+    assert f"preempted by SIGUSR2 at step {stop['step']}; {held} holds this step" in output
+    assert marker(run.run_dir) | {"time": 0} == {"step": stop["step"], "signal": "SIGUSR2", "checkpoint": str(held),
                                                  "exit_code": 75, "world_size": 2, "time": 0}
     import torch
+    last = run.run_dir / "checkpoints" / "last.pt"
     assert torch.load(last, weights_only=True)["global_step"] == stop["step"] >= 4
 
 
@@ -109,7 +110,7 @@ def test_usr2_before_the_first_checkpoint_says_the_run_restarts(shards, tmp_path
     assert "holds this step" not in output
     assert not (run.run_dir / "checkpoints" / "last.pt").exists()
     (stop,) = read_metrics(run.run_dir, "preempted")
-    assert stop["phase"] == "cluster" and stop["checkpoint"] is None
+    assert stop["step"] == 0 and stop["phase"] == "cluster" and stop["checkpoint"] is None
     assert marker(run.run_dir)["checkpoint"] is None
 
 
