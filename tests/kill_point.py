@@ -9,7 +9,7 @@ Points (tests/test_restarts.py), each at a moment where the other rank is inside
 about to enter one:
     extract   rank 0, after its 3rd extraction batch of round 0 (no checkpoint yet)
     kmeans    rank 1, before the 3rd level-1 M-step all_reduce of round 0 (no checkpoint yet)
-    route     rank 0, before the all_to_all that routes round 1's features (last.pt: round 1 start)
+    route     rank 0, before the all_to_alls that route round 1's features (last.pt: round 1 start)
     train     rank 1, after global step 12 (mid-epoch; last.pt at step 10)
     save      rank 0, once last.pt points at step 15's shared file, before the barrier that ends
               the save (the other rank waits there; old rank files not yet pruned)
@@ -66,7 +66,7 @@ class _KillAfter:
 
 
 def install(point: str) -> None:
-    from dist_cluster import checkpoint, comm, preemption, rounds
+    from dist_cluster import checkpoint, preemption, rounds
     calls = {"vote": 0, "route": 0, "extract": 0}
     if point == "extract":
         original_extract = rounds.extract_features
@@ -86,14 +86,15 @@ def install(point: str) -> None:
             return original_vote()
         preemption.UnevenLoopPoll.vote = staticmethod(vote)
     elif point == "route":
-        original_route = comm.all_to_all_rows
+        from dist_cluster.cluster.route import RoutePlan
+        original_send = RoutePlan.send_rows
 
-        def route(*args, **kwargs):
+        def send_rows(self, *args, **kwargs):
             calls["route"] += 1
             if calls["route"] == 2:  # once per round: round 1
                 die("route")
-            return original_route(*args, **kwargs)
-        comm.all_to_all_rows = route
+            return original_send(self, *args, **kwargs)
+        RoutePlan.send_rows = send_rows
     elif point in ("train", "usr2-train"):
         original_hook = rounds.Run.maybe_checkpoint
         at_step = 12 if point == "train" else 4

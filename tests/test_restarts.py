@@ -85,6 +85,8 @@ def reference(shards, tmp_path_factory):
 def check_restart(run_dir: Path, shards: Path, point: str, reference: dict) -> None:
     code, output = run_with_kill(run_dir, shards, point)
     assert code == 0, output[-6000:]
+    assert (run_dir / "killed.json").exists(), \
+        f"{point}: never reached (does tests/kill_point.py patch what the run still calls?)\n{output[-6000:]}"
     killed = json.loads((run_dir / "killed.json").read_text())
     assert killed["point"] == point
     # the restarted ranks get going at once: their first event follows the kill by far less than
