@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, comm, distributed, preemption
+from . import checkpoint, distributed, preemption
 from .cluster.stage import load_cluster_state, run_clustering
 from .config import resume_changes, save_config
 from .data import ShardLoader, make_loader, reduce_stats, steps_per_epoch
