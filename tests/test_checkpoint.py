@@ -20,6 +20,7 @@ import torch
 from dist_cluster import checkpoint
 from tests.ci import skip_unless_ci
 from tests.dist_utils import run_ranks
+from tests.test_rounds import small_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DAMAGES = ("truncated", "zero_bytes", "flipped_4k", "no_checksum", "missing")
@@ -225,12 +226,7 @@ def test_a_full_tmpfs(tmp_path):
 
 
 def _config(mode, run_dir, shards, epochs):
-    from dist_cluster.config import load_config
-    return load_config(None, [f"mode={mode}", f"run_dir={run_dir}", f"data.train={shards}", "data.batch_size=32",
-                              "data.num_workers=0", "data.max_samples=96", "data.image_size=28", "data.resize=28",
-                              "model.sobel=false", "model.feature_dim=16", "cluster.k=8", "cluster.m=2",
-                              "cluster.pca_dim=8", "cluster.niter=3", f"train.epochs={epochs}", "train.reassign=1",
-                              "train.ckpt_every_steps=1", "train.log_every_steps=1"])
+    return small_run_config(mode, run_dir, shards, epochs, ckpt_every_steps=1)
 
 
 def _kept_steps(run_dir) -> list[int]:

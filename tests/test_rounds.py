@@ -11,13 +11,14 @@ from tests.dist_utils import run_ranks
 from tests.shard_fixtures import make_shards
 
 
-def _config(mode, run_dir, shards, epochs):
+def small_run_config(mode, run_dir, shards, epochs, ckpt_every_steps=0):
+    """A 1-rank run of a few seconds on tests/shard_fixtures shards: 2 rounds of 1 epoch each."""
     from dist_cluster.config import load_config
     return load_config(None, [f"mode={mode}", f"run_dir={run_dir}", f"data.train={shards}", "data.batch_size=32",
                               "data.num_workers=0", "data.max_samples=96", "data.image_size=28", "data.resize=28",
                               "model.sobel=false", "model.feature_dim=16", "cluster.k=8", "cluster.m=2",
                               "cluster.pca_dim=8", "cluster.niter=3", f"train.epochs={epochs}", "train.reassign=1",
-                              "train.ckpt_every_steps=0", "train.log_every_steps=1"])
+                              f"train.ckpt_every_steps={ckpt_every_steps}", "train.log_every_steps=1"])
 
 
 def _heads_at_round_edges(rank, world, mode, run_dir, shards, epochs_per_run):
@@ -32,7 +33,7 @@ def _heads_at_round_edges(rank, world, mode, run_dir, shards, epochs_per_run):
             seen.append((round_idx, start, self.module.super_head.weight.detach().clone()))
 
     for epochs in epochs_per_run:
-        Recording(_config(mode, run_dir, shards, epochs)).run()
+        Recording(small_run_config(mode, run_dir, shards, epochs)).run()
     return seen
 
 
