@@ -41,7 +41,6 @@ from . import tasks as probe_tasks
 from .evalsets import check_free, is_own_data, manifest_set_name, result_stem
 from .features import Split, extract_split, load_backbone, read_labels, share_split
 from .metrics import nmi
-from .probes import SOLVERS
 from .stages import Stage, say
 
 
@@ -63,9 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="per-layer probes: pool each block output to at most this many dims (0: skip)")
     parser.add_argument("--l2", default="1e-4",
                         help="probe L2 penalty; a comma list picks one on a 10%% hold-out of train")
-    parser.add_argument("--probe-iters", type=int, default=300, help="at most this many L-BFGS iterations per probe")
-    parser.add_argument("--solver", default="whitened", choices=SOLVERS,
-                        help="linear probe solver: the same objective and optimum (probes.py)")
+    parser.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations per probe (at most)")
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-t", type=float, default=0.07)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -198,7 +195,7 @@ def _share(train: Split, test: Split, tasks: list, owners: dict, seconds: dict) 
 def _run_probes(tasks: list, owners: dict, train: Split, test: Split, num_classes: int, args, env) -> Optional[dict]:
     """This rank's tasks; on rank 0 the merged results of all ranks (their seconds included), else None."""
     l2s = [float(v) for v in str(args.l2).split(",")]
-    settings = probe_tasks.Settings(l2s=l2s, seed=args.seed, max_iter=args.probe_iters, solver=args.solver,
+    settings = probe_tasks.Settings(l2s=l2s, seed=args.seed, max_iter=args.probe_iters,
                                     knn_k=args.knn_k, knn_t=args.knn_t, device=env.device)
     mine = [t for t in tasks if owners[t.name] == env.rank]
     start = time.perf_counter()
@@ -247,7 +244,7 @@ def evaluate(args) -> Optional[dict]:
                    eval_set=args.name or manifest_set_name(args.train, args.test),
                    own_data=is_own_data(backbone.cfg.data, args.train, args.test), n_train=len(train.labels),
                    n_test=len(test.labels), num_classes=num_classes, seed=args.seed, knn_k=args.knn_k,
-                   knn_t=args.knn_t, world_size=env.world_size, probe_iters=args.probe_iters, solver=args.solver,
+                   knn_t=args.knn_t, world_size=env.world_size, probe_iters=args.probe_iters,
                    max_layer_dims=args.layer_dims, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                    features="penultimate trunk output, pre-ReLU (linear_top1_relu: ReLU'd)")
     _write(run_dir, stem, results, seconds)

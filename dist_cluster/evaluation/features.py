@@ -2,8 +2,8 @@
 
     backbone = load_backbone("RUN")                  # RUN/checkpoints/last.pt, else RUN/export/
     split = extract_split(backbone.trunk, "data/fmnist/test", backbone.cfg.data, device, layer_dims=10000)
-    split = gather_split(split)                      # rank 0: all ranks' rows sorted by key; None elsewhere
-    split = share_split(split, feats_to=[0], block_to={"conv1": 1})   # each part only where needed
+    whole = gather_split(split)                      # rank 0: all ranks' rows sorted by key; None elsewhere
+    mine = share_split(split, feats_to=[0], block_to={"conv1": 1, "conv2": 0})   # or each part where needed
     members = read_members("data/fmnist/train", keys, exts=("png", "cls"))   # {key: {ext: bytes}}
 
 Every rank extracts its own shards (ShardLoader rank/world, no shuffle, every sample once, center
