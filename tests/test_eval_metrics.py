@@ -208,3 +208,13 @@ def test_share_split_sends_each_part_only_where_needed(tmp_path):
     assert np.allclose(feats1, ref.feats[order], atol=1e-5)
     assert np.allclose(blocks0["conv1"], ref.blocks["conv1"][order], atol=1e-5)
     assert np.allclose(blocks1["conv2"], ref.blocks["conv2"][order], atol=1e-5)
+
+
+def test_channels_last_extraction_gives_the_same_rows(tmp_path):
+    """The evaluation extracts as the run trained (model.channels_last): the same features and blocks."""
+    make_shards(tmp_path, num_shards=2, per_shard=6)
+    nchw, nhwc = (extract_split(_small_trunk(), tmp_path, SimpleNamespace(resize=28, image_size=28),
+                                torch.device("cpu"), batch_size=5, num_workers=0, layer_dims=300, channels_last=cl)
+                  for cl in (False, True))
+    assert np.array_equal(nchw.keys, nhwc.keys) and np.allclose(nchw.feats, nhwc.feats, atol=1e-5)
+    assert all(np.allclose(nchw.blocks[n], nhwc.blocks[n], atol=1e-5) for n in nchw.blocks)

@@ -96,15 +96,18 @@ def load_assignments(round_dir: Path) -> dict:
     return {name: np.concatenate(v) for name, v in out.items()} | {"meta": meta}
 
 
-def cluster_nmi_train(run_dir, train_dir) -> dict:
-    """NMI of the run's last sub- and super-clusters with the train labels, joined by key."""
+def cluster_nmi_train(run_dir, train_dir, labels: Optional[dict] = None) -> dict:
+    """NMI of the run's last sub- and super-clusters with the train labels, joined by key.
+
+    labels: {key: class} of the whole train split when the caller has them (the extraction read
+    them), else they are read from the shards' .cls members."""
     round_dir = last_complete_round(run_dir)
     if round_dir is None:
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": "no complete RUN/clusters/round_*"}
     if not load_manifest(train_dir).has_labels:
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": f"{train_dir} has no labels"}
     assign = load_assignments(round_dir)
-    labels = read_labels(train_dir, assign["keys"].tolist())
+    labels = read_labels(train_dir, assign["keys"].tolist()) if labels is None else labels
     known = np.array([k in labels for k in assign["keys"]], dtype=bool)
     if not known.any():
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": "no clustered key found in the train shards"}
@@ -155,7 +158,8 @@ def write_markdown(path: Path, results: dict) -> None:
 def _extract_both(backbone, args, env, seconds: dict) -> tuple[Split, Split]:
     """This rank's rows of both splits, one stage line each (images, img/s over all ranks)."""
     common = dict(cfg_data=backbone.cfg.data, device=env.device, rank=env.rank, world=env.world_size,
-                  batch_size=args.batch_size, num_workers=args.workers, layer_dims=args.layer_dims)
+                  batch_size=args.batch_size, num_workers=args.workers, layer_dims=args.layer_dims,
+                  channels_last=bool(backbone.cfg.model.get("channels_last", False)))
     per_rank = lambda n: -(-n // env.world_size) if n > 0 else 0  # noqa: E731 - ceil(n / W) per rank
     out = []
     for name, shard_dir, limit in (("train", args.train, args.max_train), ("test", args.test, args.max_test)):
@@ -228,6 +232,8 @@ def evaluate(args) -> Optional[dict]:
     train, test = _extract_both(backbone, args, env, seconds)
     tasks, owners = _plan(train, test, args, env)
     train, test = _share(train, test, tasks, owners, seconds)
+    # the whole train split's labels, for the run's own clusters (saves a pass over the shards)
+    all_labels = None if args.max_train > 0 else {k: int(v) for k, v in zip(train.keys, train.labels) if v >= 0}
     train, test = _subset(train, args.max_train, args.seed), _subset(test, args.max_test, args.seed + 1)
     num_classes = _num_classes(args.train, train, test)
     results = _run_probes(tasks, owners, train, test, num_classes, args, env)
@@ -236,7 +242,7 @@ def evaluate(args) -> Optional[dict]:
     seconds.update(results.pop("seconds"))
     with Stage("NMI of the run's own clusters", seconds, key="cluster_nmi"):
         if Path(args.train).resolve() == Path(backbone.cfg.data.train).resolve():
-            results.update(cluster_nmi_train(args.run, args.train))
+            results.update(cluster_nmi_train(args.run, args.train, all_labels))
         else:  # the run clustered its own train images, not these
             results.update(nmi_clusters_train=None, nmi_clusters_train_note="not the run's train data")
     results.update(checkpoint=backbone.source, train=str(args.train), test=str(args.test),

@@ -157,8 +157,11 @@ def usable_workers(shard_dir, world: int, wanted: int) -> int:
 @torch.no_grad()
 def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, rank: int = 0, world: int = 1,
                   batch_size: int = 256, num_workers: int = 2, layer_dims: int = 0, max_samples: int = 0,
-                  desc: str = "extract") -> Split:
-    """This rank's rows: penultimate features and (layer_dims > 0) pooled block outputs."""
+                  desc: str = "extract", channels_last: bool = False) -> Split:
+    """This rank's rows: penultimate features and (layer_dims > 0) pooled block outputs.
+
+    channels_last: NHWC input, as the run trained (model.channels_last): float32 either way, the
+    same features up to rounding (~1e-6 relative), 1.6x faster on CPU for smallvgg."""
     loader = ShardLoader(str(shard_dir), rank, world, batch_size, usable_workers(shard_dir, world, num_workers),
                          transform=extract_transform(cfg_data.resize, cfg_data.image_size), seed=0, epoch=0,
                          shuffle=False, equal_steps=False, max_samples=max_samples)
@@ -167,6 +170,8 @@ def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, r
     feats, labels, keys, blocks = None, np.full(cap, -1, np.int64), [], {}
     for images, batch_keys, batch_labels in progress(loader, desc=desc, total=len(loader)):
         images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         # one pass for both: the per-layer probes used to cost a second forward of every image
         out, outs = trunk.forward_with_blocks(images) if layer_dims > 0 else (trunk(images), [])
         out = out.float().cpu().numpy()
