@@ -172,6 +172,7 @@ def plot_runs_curves(runs: dict, path: Path) -> Optional[Path]:
     for col, key in enumerate(("loss_super", "loss_sub")):
         axes[0][col].set(xlabel="step", ylabel="cross-entropy", title=f"{key} per logged step")
         axes[1][col].set(xlabel="epoch", ylabel="cross-entropy", title=f"{key}, epoch mean")
+        axes[1][col].xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
         for row in (0, 1):
             axes[row][col].legend(fontsize="small")
     return _save(fig, path)
