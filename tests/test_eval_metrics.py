@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from dist_cluster.evaluation.features import extract_split, gather_rows, gather_split, pool_side, read_labels, read_members
+from dist_cluster.evaluation.features import (extract_split, gather_rows, gather_split, pool_side, read_labels,
+                                             read_members, share_split)
 from dist_cluster.evaluation.metrics import ami, hungarian_accuracy, knn_predict, nmi, top1
 from dist_cluster.evaluation.probes import fit_linear_probe, kmeans_labels, linear_probe_top1
 from dist_cluster.models import SmallVGG
@@ -67,7 +68,10 @@ def test_linear_probe_matches_sklearn_logistic_regression():
     C = 1.0
     scaler = StandardScaler().fit(x_train)
     ref = LogisticRegression(C=C, max_iter=10000, tol=1e-10).fit(scaler.transform(x_train), y_train)
-    probe = fit_linear_probe(x_train, y_train, 3, l2=1.0 / (C * len(y_train)), max_iter=1000, dtype=torch.float64)
+    calls = []
+    probe = fit_linear_probe(x_train, y_train, 3, l2=1.0 / (C * len(y_train)), max_iter=1000, dtype=torch.float64,
+                             on_eval=lambda: calls.append(1))
+    assert len(calls) >= probe.iterations > 5  # the progress callback sees every function evaluation
     # same convex objective: same optimum (sklearn's coef lives on the same standardised features)
     assert np.allclose(probe.weight.numpy() - probe.weight.numpy().mean(0), ref.coef_ - ref.coef_.mean(0), atol=2e-3)
     ref_acc = ref.score(scaler.transform(x_test), y_test)
@@ -180,3 +184,37 @@ def test_two_rank_extraction_equals_one_process(tmp_path):
     assert all(np.allclose(blocks[n], ref.blocks[n][order], atol=1e-5) for n in blocks)
     expected = np.concatenate([np.arange(2.0), np.arange(5.0)])[:, None].repeat(2, 1)
     assert np.array_equal(ragged, expected)
+
+
+def _share_on_ranks(rank, world, root):
+    split = extract_split(_small_trunk(), root, SimpleNamespace(resize=28, image_size=28), torch.device("cpu"),
+                          rank=rank, world=world, batch_size=8, num_workers=0, layer_dims=300)
+    shared = share_split(split, feats_to=[1], block_to={"conv1": 0, "conv2": 1})
+    return shared.feats, shared.labels, shared.keys, shared.blocks
+
+
+def test_share_split_sends_each_part_only_where_needed(tmp_path):
+    """Under torchrun each rank fits its own probes: it gets every row of what they need, nothing else."""
+    shards = make_shards(tmp_path, num_shards=3, per_shard=[7, 5, 6])
+    ranks = run_ranks(_share_on_ranks, 2, args=(str(tmp_path),))
+    ref = extract_split(_small_trunk(), tmp_path, SimpleNamespace(resize=28, image_size=28), torch.device("cpu"),
+                        batch_size=5, num_workers=0, layer_dims=300)
+    order = np.argsort(ref.keys)
+    for feats, labels, keys, blocks in ranks:
+        assert keys.tolist() == sorted(shards.keys)
+        assert labels.tolist() == [shards.labels[k] for k in keys]
+    (feats0, _, _, blocks0), (feats1, _, _, blocks1) = ranks
+    assert feats0.shape == (18, 0) and sorted(blocks0) == ["conv1"] and sorted(blocks1) == ["conv2"]
+    assert np.allclose(feats1, ref.feats[order], atol=1e-5)
+    assert np.allclose(blocks0["conv1"], ref.blocks["conv1"][order], atol=1e-5)
+    assert np.allclose(blocks1["conv2"], ref.blocks["conv2"][order], atol=1e-5)
+
+
+def test_channels_last_extraction_gives_the_same_rows(tmp_path):
+    """The evaluation extracts as the run trained (model.channels_last): the same features and blocks."""
+    make_shards(tmp_path, num_shards=2, per_shard=6)
+    nchw, nhwc = (extract_split(_small_trunk(), tmp_path, SimpleNamespace(resize=28, image_size=28),
+                                torch.device("cpu"), batch_size=5, num_workers=0, layer_dims=300, channels_last=cl)
+                  for cl in (False, True))
+    assert np.array_equal(nchw.keys, nhwc.keys) and np.allclose(nchw.feats, nhwc.feats, atol=1e-5)
+    assert all(np.allclose(nchw.blocks[n], nhwc.blocks[n], atol=1e-5) for n in nchw.blocks)

@@ -60,12 +60,20 @@ def test_fold_into_conv_is_exact_with_stride_and_borders():
     torch.testing.assert_close(folded(x), conv(sobel(x)), atol=1e-5, rtol=1e-5)
 
 
+def _same_in_one_pass(trunk, x, feats, blocks):
+    """forward_with_blocks (one pass, the evaluation's extraction) gives exactly forward and forward_blocks."""
+    both, both_blocks = trunk.forward_with_blocks(x)
+    assert torch.equal(both, feats) and len(both_blocks) == len(blocks)
+    assert all(torch.equal(a, b) for a, b in zip(both_blocks, blocks))
+
+
 @pytest.mark.parametrize("sobel,pool_size", [(True, 1), (False, 1), (False, 3)])
 def test_smallvgg_shapes_blocks_and_export(sobel, pool_size, tmp_path):
     trunk = _randomize_bn(SmallVGG(feature_dim=32, sobel=sobel, pool_size=pool_size))
     x = torch.randn(4, 3, 28, 28)
     feats, blocks = trunk(x), trunk.forward_blocks(x)
     assert feats.shape == (4, 32) and (feats < 0).any()  # pre-ReLU
+    _same_in_one_pass(trunk, x, feats, blocks)
     assert [b.shape[1:] for b in blocks] == [(32, 28, 28), (64, 14, 14), (128, 7, 7), (256, 3, 3), (256, 3, 3)]
     assert len(trunk.block_names) == len(blocks)
     path = export_backbone(trunk, "smallvgg", tmp_path)
@@ -94,6 +102,7 @@ def test_vgg16_bn_sobel_shapes_and_folded_export(vgg_sobel, tmp_path):
     with torch.no_grad():
         feats = vgg_sobel(x)
         blocks = vgg_sobel.forward_blocks(x)
+        _same_in_one_pass(vgg_sobel, x, feats, blocks)
     assert feats.shape == (2, 4096) and (feats < 0).any()  # pre-ReLU classifier[3]
     assert [b.shape[1:3] for b in blocks] == [(64, 64), (128, 32), (256, 16), (512, 8), (512, 4)]
     path = export_backbone(vgg_sobel, "vgg16_bn", tmp_path)
@@ -112,6 +121,7 @@ def test_resnet50_shapes_and_export(sobel, tmp_path):
     with torch.no_grad():
         feats = trunk(x)
         blocks = trunk.forward_blocks(x)
+        _same_in_one_pass(trunk, x, feats, blocks)
     assert feats.shape == (2, 2048) and (feats >= 0).all()  # post-ReLU by construction
     assert [b.shape[1:] for b in blocks] == [(256, 16, 16), (512, 8, 8), (1024, 4, 4), (2048, 2, 2)]
     path = export_backbone(trunk, "resnet50", tmp_path)

@@ -207,6 +207,45 @@ def test_eval_cli_writes_eval_json(synthetic_run):
     _pngs_ok(run / "report" / "index.html")
 
 
+def _eval_cli(run, train, test, *extra, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "launch/eval.py"), "--run", str(run), "--train", str(train),
+                           "--test", str(test), "--workers", "0", "--probe-iters", "50", *extra],
+                          check=check, env=env, cwd=str(ROOT), capture_output=True, text=True)
+
+
+def test_another_dataset_gets_its_own_file_never_eval_json(synthetic_run, tmp_path):
+    """A transfer evaluation writes RUN/eval-<name>.json; the run's own eval.json stays as it was, the
+    report lists both, and an eval-<name>.json of another pair is refused before any work."""
+    run = synthetic_run["run"]
+    own = run / "eval.json"
+    if not own.exists():
+        _eval_cli(run, synthetic_run["train"], synthetic_run["test"], "--layer-dims", "0", "--no-report")
+    before = own.read_bytes()
+    other = {}
+    for split, limit in (("train", 120), ("test", 60)):
+        other[split] = tmp_path / f"other-{split}"
+        subprocess.run([sys.executable, str(ROOT / "shards/build.py"), "fmnist", "--split", split, "--limit",
+                        str(limit), "--shard-size", "30", "--name", f"other-{split}", "--out", str(other[split])],
+                       check=True, capture_output=True)
+    proc = _eval_cli(run, other["train"], other["test"], "--layer-dims", "0")
+    assert own.read_bytes() == before
+    results = json.loads((run / "eval-other.json").read_text())
+    assert results["eval_set"] == "other" and results["own_data"] is False
+    assert results["n_train"] == 120 and results["n_test"] == 60
+    for stage in ("extract train", "extract test", "linear probe", "kNN", "k-means", "report", "total"):
+        assert f"] {stage}" in proc.stdout, stage  # one line per stage, with its time
+    assert re.search(r"\] linear probe penultimate, pre-ReLU \(32 dims, 120 train images\): top-1 [0-9.]+, "
+                     r"l2 0.0001, \d+ L-BFGS iterations, \([0-9.]+ s\)", proc.stdout)
+    page = (run / "report" / "index.html").read_text()
+    assert "<th>eval.json</th><th>eval-other.json</th>" in page
+    swapped = _eval_cli(run, other["test"], other["train"], "--layer-dims", "0", check=False)
+    assert swapped.returncode != 0 and "--name" in swapped.stderr and "extract" not in swapped.stdout
+    named = _eval_cli(run, other["test"], other["train"], "--layer-dims", "0", "--no-report", "--name", "swapped")
+    assert named.returncode == 0 and json.loads((run / "eval-swapped.json").read_text())["n_train"] == 60
+    assert json.loads((run / "eval-other.json").read_text()) == results
+
+
 @pytest.mark.slow
 def test_eval_under_torchrun_two_ranks_equals_one_process(synthetic_run, tmp_path):
     """torchrun, 2 ranks splitting the extraction: the same numbers as one process (rows sorted by key)."""

@@ -2,6 +2,7 @@
 
     python launch/eval.py --run RUN --train data/fmnist/train --test data/fmnist/test
     torchrun --standalone --nproc_per_node 2 launch/eval.py --run-dir RUN --train ... --test ...
+    python launch/eval.py --run RUN --train OTHER/train --test OTHER/test [--name NAME]   # RUN/eval-<name>.json
 
 Metrics (train split fits, test split scores):
   linear_top1        multinomial logistic regression on the penultimate features as the trunk
@@ -13,10 +14,14 @@ Metrics (train split fits, test split scores):
                      k-means (k = C = number of classes, faiss, 5 seeded restarts) on the
                      L2-normalised test features vs the labels (nmi_k10 on 10-class data)
   nmi_clusters_train the run's own last sub-clusters (RUN/clusters/round_<last>/) vs the train labels
-Every rank extracts its own shards; rank 0 gathers the rows and computes the metrics (features.py).
-Memory on rank 0: n x (D + sum of pooled block dims) x 4 bytes per split, e.g. the full Fashion-MNIST
-train split with smallvgg and --layer-dims 10000: 60000 x (512 + 29344) x 4 B = 7.2 GB; bound it
-with --max-train N or --layer-dims (0: no per-layer probes).
+Where they go: RUN/eval.json for the run's own data, RUN/eval-<name>.json for any other train/test
+pair, never one over another (evalsets.py).
+Every rank extracts its own shards; the probes are independent tasks spread over the ranks
+(tasks.py), and each task's rows go to the rank that fits it (features.share_split); rank 0 writes
+the results. Each stage prints one line with its time. Memory: a rank holds n x (the dims its tasks
+need) x 4 bytes per split, e.g. the full Fashion-MNIST train split with smallvgg and --layer-dims
+10000 in one process: 60000 x (512 + 29344) x 4 B = 7.2 GB; bound it with --max-train N,
+--layer-dims (0: no per-layer probes) or more ranks.
 """
 from __future__ import annotations
 
@@ -30,11 +35,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import distributed
+from .. import comm, distributed
 from ..manifest import load_manifest
-from .features import Split, extract_split, gather_split, load_backbone, read_labels
-from .metrics import clustering_scores, knn_top1, nmi
-from .probes import kmeans_labels, linear_probe_top1
+from . import tasks as probe_tasks
+from .evalsets import check_free, is_own_data, manifest_set_name, result_stem
+from .features import Split, extract_split, load_backbone, read_labels, share_split
+from .metrics import nmi
+from .stages import Stage, say
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     parser.add_argument("--train", help="labelled train shards (default: the run's data.train)")
     parser.add_argument("--test", help="labelled test shards (default: the run's data.test)")
+    parser.add_argument("--name", help="write RUN/eval-NAME.json (default: eval.json for the run's own data, "
+                                       "else a name from the shards' manifests)")
     parser.add_argument("--checkpoint", help="a checkpoint .pt or an exported *_backbone.pth (default: last.pt)")
     parser.add_argument("--seed", type=int, default=0, help="k-means restarts, subsets, l2 hold-out")
     parser.add_argument("--max-train", type=int, default=0,
@@ -53,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="per-layer probes: pool each block output to at most this many dims (0: skip)")
     parser.add_argument("--l2", default="1e-4",
                         help="probe L2 penalty; a comma list picks one on a 10%% hold-out of train")
-    parser.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations per probe")
+    parser.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations per probe (at most)")
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-t", type=float, default=0.07)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -87,16 +96,20 @@ def load_assignments(round_dir: Path) -> dict:
     return {name: np.concatenate(v) for name, v in out.items()} | {"meta": meta}
 
 
-def cluster_nmi_train(run_dir, train_dir) -> dict:
-    """NMI of the run's last sub- and super-clusters with the train labels, joined by key."""
+def cluster_nmi_train(run_dir, train_dir, labels: Optional[dict] = None) -> dict:
+    """NMI of the run's last sub- and super-clusters with the train labels, joined by key.
+
+    labels: {key: class} of the whole train split when the caller has them (the extraction read
+    them), else they are read from the shards' .cls members."""
     round_dir = last_complete_round(run_dir)
     if round_dir is None:
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": "no complete RUN/clusters/round_*"}
     if not load_manifest(train_dir).has_labels:
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": f"{train_dir} has no labels"}
     assign = load_assignments(round_dir)
-    label_stats: dict = {}
-    labels = read_labels(train_dir, assign["keys"].tolist(), label_stats)
+    label_stats: dict = {}  # labels read by the extraction were range-checked there already
+    if labels is None:
+        labels = read_labels(train_dir, assign["keys"].tolist(), label_stats)
     known = np.array([k in labels for k in assign["keys"]], dtype=bool)
     if not known.any():
         return {"nmi_clusters_train": None, "nmi_clusters_train_note": "no clustered key found in the train shards"}
@@ -125,34 +138,6 @@ def _num_classes(train_dir, train: Split, test: Split) -> int:
     return max(len(classes), int(train.labels.max()) + 1, int(test.labels.max()) + 1)
 
 
-def probe_metrics(train: Split, test: Split, num_classes: int, args, device: torch.device) -> dict:
-    """linear (pre-ReLU, ReLU'd, per layer), kNN and k-means scores of the gathered splits."""
-    l2s = [float(v) for v in str(args.l2).split(",")]
-    fit = dict(num_classes=num_classes, l2s=l2s, seed=args.seed, max_iter=args.probe_iters, device=device)
-    out, seconds = {}, {}
-    tick = time.perf_counter()
-    linear = linear_probe_top1(train.feats, train.labels, test.feats, test.labels, **fit)
-    out.update(linear_top1=linear["top1"], linear_l2=linear["l2"], linear_val=linear["val"])
-    relu = linear_probe_top1(np.maximum(train.feats, 0), train.labels, np.maximum(test.feats, 0), test.labels, **fit)
-    out["linear_top1_relu"] = relu["top1"]
-    seconds["linear"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    out["linear_by_layer"] = {name: linear_probe_top1(x, train.labels, test.blocks[name], test.labels, **fit)["top1"]
-                              for name, x in train.blocks.items()}
-    out["layer_dims"] = {name: int(x.shape[1]) for name, x in train.blocks.items()}
-    seconds["linear_by_layer"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    out["knn_top1"] = knn_top1(train.feats, train.labels, test.feats, test.labels, k=args.knn_k,
-                               temperature=args.knn_t, num_classes=num_classes, device=device)
-    seconds["knn"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    clusters = kmeans_labels(test.feats, num_classes, seed=args.seed)
-    out.update(clustering_scores(test.labels, clusters, suffix=f"_k{num_classes}"), kmeans_k=num_classes)
-    seconds["kmeans"] = time.perf_counter() - tick
-    out["seconds"] = seconds
-    return out
-
-
 def write_markdown(path: Path, results: dict) -> None:
     """RUN/eval.md: the numbers of eval.json as a table."""
     k = results.get("kmeans_k", 10)
@@ -166,53 +151,130 @@ def write_markdown(path: Path, results: dict) -> None:
              for name, v in results["linear_by_layer"].items()]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines = [f"# Evaluation of `{results['checkpoint']}`", "",
+             f"evaluation set `{results.get('eval_set')}`: train `{results['train']}`, test `{results['test']}`", "",
              f"train {results['n_train']} images, test {results['n_test']} images, "
              f"{results['num_classes']} classes, seed {results['seed']}", "",
              "| metric | value |", "| --- | --- |"] + [f"| {name} | {fmt(v)} |" for name, v in rows]
     path.write_text("\n".join(lines) + "\n")
 
 
-def _extract_both(backbone, args, env) -> tuple[Optional[Split], Optional[Split]]:
+def _extract_both(backbone, args, env, seconds: dict) -> tuple[Split, Split]:
+    """This rank's rows of both splits, one stage line each (images, img/s over all ranks)."""
     common = dict(cfg_data=backbone.cfg.data, device=env.device, rank=env.rank, world=env.world_size,
-                  batch_size=args.batch_size, num_workers=args.workers, layer_dims=args.layer_dims)
+                  batch_size=args.batch_size, num_workers=args.workers, layer_dims=args.layer_dims,
+                  channels_last=bool(backbone.cfg.model.get("channels_last", False)))
     per_rank = lambda n: -(-n // env.world_size) if n > 0 else 0  # noqa: E731 - ceil(n / W) per rank
-    train = extract_split(backbone.trunk, args.train, max_samples=per_rank(args.max_train), desc="train", **common)
-    test = extract_split(backbone.trunk, args.test, max_samples=per_rank(args.max_test), desc="test", **common)
-    return gather_split(train), gather_split(test)
+    out = []
+    for name, shard_dir, limit in (("train", args.train, args.max_train), ("test", args.test, args.max_test)):
+        with Stage(f"extract {name}", seconds, key=f"extract_{name}") as st:
+            split = extract_split(backbone.trunk, shard_dir, max_samples=per_rank(limit), desc=name, **common)
+            total = sum(comm.all_gather_object(len(split.labels)))  # also waits for the slowest rank
+            st.detail = (f"{total} images on {env.world_size} rank(s), "
+                         f"{total / max(time.perf_counter() - st.start, 1e-9):.0f} img/s,")
+        out.append(split)
+    seconds["extract"] = seconds["extract_train"] + seconds["extract_test"]
+    return out[0], out[1]
+
+
+def _plan(train: Split, test: Split, args, env) -> tuple[list, dict]:
+    """(every probe task, {task: rank}): the same on every rank (agreed block dims and row counts)."""
+    mine = ({name: x.shape[1] for name, x in train.blocks.items()}, train.feats.shape[1], len(train.labels),
+            len(test.labels))
+    every = comm.all_gather_object(mine)
+    layer_dims = dict(sorted({name: d for blocks, _, _, _ in every for name, d in blocks.items()}.items()))
+    n_train, n_test = sum(e[2] for e in every), sum(e[3] for e in every)
+    n_train = min(n_train, args.max_train) if args.max_train > 0 else n_train
+    n_test = min(n_test, args.max_test) if args.max_test > 0 else n_test
+    tasks = probe_tasks.probe_tasks(max(e[1] for e in every), layer_dims, n_train, n_test)
+    return tasks, probe_tasks.assign(tasks, env.world_size)
+
+
+def _share(train: Split, test: Split, tasks: list, owners: dict, seconds: dict) -> tuple[Split, Split]:
+    """Both splits, rows sorted by key, each part on the ranks whose tasks need it."""
+    feats_to = [r for r in set(owners.values()) if probe_tasks.FEATS in probe_tasks.needs_of(tasks, owners, r)]
+    block_to = {t.needs: owners[t.name] for t in tasks if t.needs != probe_tasks.FEATS}
+    with Stage("send each probe its rows", seconds, key="share") as st:
+        train, test = share_split(train, feats_to, block_to), share_split(test, feats_to, block_to)
+        st.detail = f"{len(train.labels)} train and {len(test.labels)} test images,"
+    return train, test
+
+
+def _run_probes(tasks: list, owners: dict, train: Split, test: Split, num_classes: int, args, env) -> Optional[dict]:
+    """This rank's tasks; on rank 0 the merged results of all ranks (their seconds included), else None."""
+    l2s = [float(v) for v in str(args.l2).split(",")]
+    settings = probe_tasks.Settings(l2s=l2s, seed=args.seed, max_iter=args.probe_iters,
+                                    knn_k=args.knn_k, knn_t=args.knn_t, device=env.device)
+    mine = [t for t in tasks if owners[t.name] == env.rank]
+    start = time.perf_counter()
+    results, seconds = probe_tasks.run_tasks(mine, train, test, num_classes, settings)
+    parts = comm.gather_object((results, seconds, time.perf_counter() - start), 0)
+    if parts is None or not env.is_main:
+        return None
+    merged = probe_tasks.merge([p[0] for p in parts], num_classes)
+    merged["seconds"] = {name: t for p in parts for name, t in p[1].items()}
+    merged["seconds"]["linear_by_layer"] = sum(t for n, t in merged["seconds"].items() if n.startswith("layer:"))
+    merged["seconds"]["probes"] = max(p[2] for p in parts)  # wall time of the probe phase
+    merged["probe_ranks"] = owners
+    merged["layer_dims"] = {t.needs: t.dims for t in tasks if t.needs != probe_tasks.FEATS}
+    return merged
 
 
 def evaluate(args) -> Optional[dict]:
     """Run inside a distributed session; returns the results on rank 0, None elsewhere."""
     env = distributed.env()
+    total = time.perf_counter()
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.run, args.checkpoint)
     backbone.trunk.to(env.device)
     args.train = args.train or backbone.cfg.data.train
     args.test = args.test or backbone.cfg.data.test
-    start = time.perf_counter()
-    train, test = _extract_both(backbone, args, env)
-    if not env.is_main:
-        return None  # rank 0 alone fits the probes; the other ranks are done
-    extract_seconds = time.perf_counter() - start
+    run_dir = Path(args.run)
+    stem = result_stem(run_dir, backbone.cfg.data, args.train, args.test, args.name)
+    check_free(run_dir / f"{stem}.json", args.train, args.test)  # before minutes of work, on every rank
+    seconds: dict = {}
+    train, test = _extract_both(backbone, args, env, seconds)
+    tasks, owners = _plan(train, test, args, env)
+    train, test = _share(train, test, tasks, owners, seconds)
+    # the whole train split's labels, for the run's own clusters (saves a pass over the shards)
+    all_labels = None if args.max_train > 0 else {k: int(v) for k, v in zip(train.keys, train.labels) if v >= 0}
     train, test = _subset(train, args.max_train, args.seed), _subset(test, args.max_test, args.seed + 1)
     num_classes = _num_classes(args.train, train, test)
-    results = probe_metrics(train, test, num_classes, args, env.device)
-    results.update(cluster_nmi_train(args.run, args.train))
-    results.update(checkpoint=backbone.source, train=str(args.train), test=str(args.test), n_train=len(train.labels),
+    results = _run_probes(tasks, owners, train, test, num_classes, args, env)
+    if results is None:
+        return None  # rank 0 writes; the other ranks are done
+    seconds.update(results.pop("seconds"))
+    with Stage("NMI of the run's own clusters", seconds, key="cluster_nmi"):
+        if Path(args.train).resolve() == Path(backbone.cfg.data.train).resolve():
+            results.update(cluster_nmi_train(args.run, args.train, all_labels))
+        else:  # the run clustered its own train images, not these
+            results.update(nmi_clusters_train=None, nmi_clusters_train_note="not the run's train data")
+    results.update(checkpoint=backbone.source, train=str(args.train), test=str(args.test),
+                   train_dir=str(Path(args.train).resolve()), test_dir=str(Path(args.test).resolve()),
+                   eval_set=args.name or manifest_set_name(args.train, args.test),
+                   own_data=is_own_data(backbone.cfg.data, args.train, args.test), n_train=len(train.labels),
                    n_test=len(test.labels), num_classes=num_classes, seed=args.seed, knn_k=args.knn_k,
                    knn_t=args.knn_t, world_size=env.world_size, probe_iters=args.probe_iters,
+                   max_layer_dims=args.layer_dims, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                    features="penultimate trunk output, pre-ReLU (linear_top1_relu: ReLU'd)")
-    results["seconds"]["extract"] = extract_seconds
-    run_dir = Path(args.run)
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=1))
-    write_markdown(run_dir / "eval.md", results)
-    distributed.print0(f"wrote {run_dir / 'eval.json'}: linear_top1 {results['linear_top1']:.4f}, "
-                       f"knn_top1 {results['knn_top1']:.4f}, nmi_k{num_classes} {results[f'nmi_k{num_classes}']:.4f}")
+    _write(run_dir, stem, results, seconds)
     if not args.no_report:
         from .report import write_report
-        path = write_report(args.run, args.train, backbone=backbone, seed=args.seed)
-        distributed.print0(f"wrote {path}")
+        with Stage("report", seconds, key="report") as st:
+            st.detail = f"{write_report(args.run, backbone.cfg.data.train, backbone=backbone, seed=args.seed)}"
+    seconds["total"] = time.perf_counter() - total
+    _write(run_dir, stem, results, seconds)  # again, with the report's and the total time
+    k = num_classes
+    say(f"wrote {run_dir / (stem + '.json')}: linear_top1 {results['linear_top1']:.4f}, "
+        f"knn_top1 {results['knn_top1']:.4f}, nmi_k{k} {results[f'nmi_k{k}']:.4f}")
+    say(f"total {seconds['total']:.1f} s: extract {seconds['extract']:.1f}, probes {seconds['probes']:.1f} "
+        f"({env.world_size} rank(s)), report {seconds.get('report', 0.0):.1f}")
     return results
+
+
+def _write(run_dir: Path, stem: str, results: dict, seconds: dict) -> None:
+    results["seconds"] = dict(seconds)
+    (run_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    write_markdown(run_dir / f"{stem}.md", results)
 
 
 def main(argv=None) -> Optional[dict]:

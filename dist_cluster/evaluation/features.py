@@ -2,18 +2,21 @@
 
     backbone = load_backbone("RUN")                  # RUN/checkpoints/last.pt, else RUN/export/
     split = extract_split(backbone.trunk, "data/fmnist/test", backbone.cfg.data, device, layer_dims=10000)
-    split = gather_split(split)                      # rank 0: all ranks' rows sorted by key; None elsewhere
+    whole = gather_split(split)                      # rank 0: all ranks' rows sorted by key; None elsewhere
+    mine = share_split(split, feats_to=[0], block_to={"conv1": 1, "conv2": 0})   # or each part where needed
     members = read_members("data/fmnist/train", keys, exts=("png", "cls"))   # {key: {ext: bytes}}
 
 Every rank extracts its own shards (ShardLoader rank/world, no shuffle, every sample once, center
-crop, float32, eval mode). The rows then go to rank 0 only, in bounded row chunks, because the
-probes need the whole (small, labelled) evaluation set in one place: rank 0 holds
-n x (D + sum of block dims) float32. Rows are sorted by key, so the result is the same for any
-number of ranks (up to float rounding).
+crop, float32, eval mode; one forward pass gives the features and the block outputs). The rows
+then go, in bounded row chunks, to the ranks whose probes need them (a probe needs the whole small,
+labelled evaluation set in one place): the penultimate features to the ranks that fit probes on
+them, each block's pooled output to the rank that fits its probe. Rows are sorted by key, so the
+result is the same for any number of ranks (up to float rounding).
 """
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 import math
 import tarfile
 from dataclasses import dataclass, field
@@ -161,8 +164,11 @@ def _max_pixels(cfg_data) -> int:
 @torch.no_grad()
 def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, rank: int = 0, world: int = 1,
                   batch_size: int = 256, num_workers: int = 2, layer_dims: int = 0, max_samples: int = 0,
-                  desc: str = "extract") -> Split:
-    """This rank's rows: penultimate features and (layer_dims > 0) pooled block outputs."""
+                  desc: str = "extract", channels_last: bool = False) -> Split:
+    """This rank's rows: penultimate features and (layer_dims > 0) pooled block outputs.
+
+    channels_last: NHWC input, as the run trained (model.channels_last): float32 either way, the
+    same features up to rounding (~1e-6 relative), 1.6x faster on CPU for smallvgg."""
     loader = ShardLoader(str(shard_dir), rank, world, batch_size, usable_workers(shard_dir, world, num_workers),
                          transform=extract_transform(cfg_data.resize, cfg_data.image_size), seed=0, epoch=0,
                          shuffle=False, equal_steps=False, max_samples=max_samples,
@@ -172,14 +178,18 @@ def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, r
     feats, labels, keys, blocks = None, np.full(cap, -1, np.int64), [], {}
     for images, batch_keys, batch_labels in progress(loader, desc=desc, total=len(loader)):
         images = images.to(device, non_blocking=True)
-        out = trunk(images).float().cpu().numpy()
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # one pass for both: the per-layer probes used to cost a second forward of every image
+        out, outs = trunk.forward_with_blocks(images) if layer_dims > 0 else (trunk(images), [])
+        out = out.float().cpu().numpy()
         if feats is None:
             feats = np.empty((cap, out.shape[1]), np.float32)
         stop = rows + len(out)
         feats[rows:stop], labels[rows:stop] = out, batch_labels.numpy()
         keys.extend(batch_keys)
         if layer_dims > 0:
-            for name, x in zip(trunk.block_names, trunk.forward_blocks(images)):
+            for name, x in zip(trunk.block_names, outs):
                 pooled = pool_block(x.float(), layer_dims).cpu().numpy()
                 if name not in blocks:
                     blocks[name] = np.empty((cap, pooled.shape[1]), np.float32)
@@ -230,20 +240,41 @@ def _agreed_blocks(blocks: dict) -> dict:
     return {name: blocks.get(name, np.zeros((0, dim), np.float32)) for name, dim in union.items()}
 
 
+def share_split(split: Split, feats_to: Iterable[int], block_to: dict) -> Split:
+    """All ranks' rows sorted by key (identical for any world size), each part where it is needed:
+    labels and keys on every rank, the penultimate features on the ranks in `feats_to`, each block on
+    `block_to[name]` (a rank without a part gets it with 0 columns). Collective."""
+    world, me = comm.group_size(), comm.group_rank()
+    if world == 1:
+        return split.take(np.argsort(split.keys, kind="stable"))
+    parts = comm.all_gather_object(split.keys.tolist())
+    keys = np.asarray([k for part in parts for k in part], dtype=str)
+    labels = _to_every_rank(split.labels)
+    feats = np.zeros((len(keys), 0), np.float32)
+    for dst in sorted(set(feats_to)):
+        rows = gather_rows(split.feats, dst)
+        feats = rows if me == dst else feats
+    blocks = {}
+    for name, x in sorted(_agreed_blocks(split.blocks).items()):
+        rows = gather_rows(x, block_to[name])
+        if me == block_to[name]:
+            blocks[name] = rows
+    return Split(feats, labels, keys, blocks).take(np.argsort(keys, kind="stable"))
+
+
+def _to_every_rank(x: np.ndarray) -> np.ndarray:
+    """All ranks' rows of a small array on every rank, in rank order (one gather per destination)."""
+    out = None
+    for dst in range(comm.group_size()):
+        rows = gather_rows(x, dst)
+        out = rows if comm.group_rank() == dst else out
+    return out
+
+
 def gather_split(split: Split, dst: int = 0) -> Optional[Split]:
     """Every rank's rows on `dst`, sorted by key (identical for any world size); None elsewhere."""
-    feats = gather_rows(split.feats, dst)
-    labels = gather_rows(split.labels, dst)
-    blocks = {name: gather_rows(x, dst) for name, x in sorted(_agreed_blocks(split.blocks).items())}
-    if comm.group_size() > 1:
-        gathered = comm.gather_object(split.keys.tolist(), dst)
-        keys = np.asarray([k for part in gathered for k in part] if gathered else [], dtype=str)
-    else:
-        keys = split.keys
-    if comm.group_rank() != dst:
-        return None
-    order = np.argsort(keys, kind="stable")
-    return Split(feats, labels, keys, blocks).take(order)
+    shared = share_split(split, [dst], defaultdict(lambda: dst))
+    return shared if comm.group_rank() == dst else None
 
 
 # ---------------------------------------------------------------- samples by key

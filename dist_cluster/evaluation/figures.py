@@ -151,3 +151,34 @@ def image_strip(images: Sequence[Image.Image], path: Path, side: int = TILE, gap
         strip.paste(tile(image, side), (i * (side + gap), 0))
     strip.save(path, format="PNG")
     return path
+
+
+# ---------------------------------------------------------------- several runs (compare.py)
+
+
+def plot_runs_curves(runs: dict, path: Path) -> Optional[Path]:
+    """Every run's training losses on shared axes: per logged step ('train' events, top) and per epoch
+    ('epoch' events: the epoch's mean, bottom); `runs` is {label: events}. None if no run has any."""
+    if not any(e.get("stage") in ("train", "epoch") for events in runs.values() for e in events):
+        return None
+    fig, axes = _figure_grid(11, 7, rows=2, cols=2)
+    for label, events in runs.items():
+        train = [e for e in events if e.get("stage") == "train" and "step" in e]
+        epochs = [e for e in events if e.get("stage") == "epoch"]
+        for col, key in enumerate(("loss_super", "loss_sub")):
+            line, = axes[0][col].plot([e["step"] for e in train], [e.get(key, np.nan) for e in train], label=label)
+            axes[1][col].plot(np.arange(1, len(epochs) + 1), [e.get(key, np.nan) for e in epochs], "o-",
+                              color=line.get_color(), label=label)
+    for col, key in enumerate(("loss_super", "loss_sub")):
+        axes[0][col].set(xlabel="step", ylabel="cross-entropy", title=f"{key} per logged step")
+        axes[1][col].set(xlabel="epoch", ylabel="cross-entropy", title=f"{key}, epoch mean")
+        axes[1][col].xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+        for row in (0, 1):
+            axes[row][col].legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _figure_grid(width: float, height: float, rows: int, cols: int):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(rows, cols, squeeze=False)

@@ -3,7 +3,8 @@
     python -m dist_cluster.evaluation.report --run RUN --train data/fmnist/train [--checkpoint PATH] [--seed 0]
 
 Also written by launch/eval.py. Sections (each replaced by a one-line reason when its inputs are
-missing, never failing the whole report): RUN/eval.json numbers; training curves, clustering per
+missing, never failing the whole report): every evaluation of the run side by side (RUN/eval.json
+on its own data, RUN/eval-<name>.json on others); training curves, clustering per
 round and stage wall times from RUN/metrics.jsonl; the last round's cluster sizes; galleries of
 member images (largest, smallest and random clusters; images read from the train shards by key);
 Grad-CAM maps of the super-class head on gallery images (cam.py says why Grad-CAM).
@@ -28,8 +29,10 @@ from ..manifest import load_manifest
 from ..transforms import extract_transform
 from . import figures
 from .cam import grad_cam, overlay
+from .evalsets import list_evaluations
 from .evaluate import last_complete_round, load_assignments
 from .features import load_backbone, read_members
+from .stages import Stage
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
@@ -52,15 +55,44 @@ def _table(rows) -> str:
 # ---------------------------------------------------------------- sections
 
 
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _scalar_rows(evaluations: list) -> list:
+    """Metric names in first-seen order: the scalar keys, then linear_by_layer[<block>]."""
+    names: dict = {}
+    for _, results in evaluations:
+        for key, value in results.items():
+            if isinstance(value, (int, float, str)) or value is None:
+                names.setdefault(key, None)
+    for _, results in evaluations:
+        for block in results.get("linear_by_layer") or {}:
+            names.setdefault(f"linear_by_layer[{block}]", None)
+    return list(names)
+
+
+def _value(results: dict, name: str):
+    if name.startswith("linear_by_layer["):
+        return (results.get("linear_by_layer") or {}).get(name[len("linear_by_layer["):-1])
+    return results.get(name)
+
+
 def eval_section(run_dir: Path) -> str:
-    path = run_dir / "eval.json"
-    if not path.exists():
-        return "<h2>Evaluation</h2>" + _note("no RUN/eval.json yet: run launch/eval.py")
-    results = json.loads(path.read_text())
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
-    rows = [(k, fmt(v)) for k, v in results.items() if isinstance(v, (int, float, str)) or v is None]
-    rows += [(f"linear_by_layer[{k}]", fmt(v)) for k, v in results.get("linear_by_layer", {}).items()]
-    return "<h2>Evaluation</h2>" + _table(rows)
+    """Every evaluation of the run side by side: RUN/eval.json (own data) first, then RUN/eval-*.json."""
+    evaluations = list_evaluations(run_dir)
+    if not evaluations:
+        return "<h2>Evaluations</h2>" + _note("no RUN/eval.json yet: run launch/eval.py")
+    head = "".join(f"<th>{html.escape(stem)}.json</th>" for stem, _ in evaluations)
+    body = "".join(f"<tr><td>{html.escape(name)}</td>"
+                   + "".join(f"<td>{html.escape(_fmt(_value(r, name)))}</td>" for _, r in evaluations) + "</tr>"
+                   for name in _scalar_rows(evaluations))
+    listing = _note(f"{len(evaluations)} evaluation(s): " + "; ".join(
+        f"{stem}.json = {r.get('eval_set', '?')} (train {r.get('train', '?')}, test {r.get('test', '?')})"
+        for stem, r in evaluations))
+    return f"<h2>Evaluations</h2>{listing}<table><tr><th>metric</th>{head}</tr>{body}</table>"
 
 
 def curves_section(events: list, out: Path) -> str:
@@ -198,9 +230,12 @@ def write_report(run_dir, train_dir=None, backbone=None, seed: int = 0, checkpoi
             notes.append(f"no backbone: {err}")
     events = read_metrics(run_dir)
     clusters = load_last_clusters(run_dir)
-    gallery, images = gallery_section(clusters, train_dir, out, seed, clusters_shown, per_cluster)
-    sections = [eval_section(run_dir), curves_section(events, out), sizes_section(clusters, out), gallery,
-                cam_section(backbone, images, clusters, out, cam_images)]
+    with Stage("report: evaluations, training curves, cluster sizes"):
+        sections = [eval_section(run_dir), curves_section(events, out), sizes_section(clusters, out)]
+    with Stage("report: galleries (member images read from the train shards)"):
+        gallery, images = gallery_section(clusters, train_dir, out, seed, clusters_shown, per_cluster)
+    with Stage("report: class activation maps"):
+        sections += [gallery, cam_section(backbone, images, clusters, out, cam_images)]
     title = f"dist_cluster report: {run_dir.resolve().name}"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"

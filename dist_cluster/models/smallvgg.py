@@ -85,6 +85,11 @@ class SmallVGG(nn.Module):
                 outs.append(x)
         return outs
 
+    def forward_with_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(forward(x), forward_blocks(x)) in one pass: the evaluation's per-layer probes."""
+        blocks = self.forward_blocks(x)
+        return self.bn(self.fc(torch.flatten(self.pool(blocks[-1]), 1))), blocks
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._stem(x)
         for block in self.blocks:

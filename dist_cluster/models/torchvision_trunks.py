@@ -62,6 +62,15 @@ class VGG16BN(nn.Module):
             x = layer(x)
         return outs
 
+    def forward_with_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(forward(x), forward_blocks(x)) in one pass: the evaluation's per-layer probes."""
+        outs, x = [], self._stem(x)
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d):
+                outs.append(x)
+            x = layer(x)
+        return self.classifier(torch.flatten(self.avgpool(x), 1)), outs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(self._stem(x)))
         return self.classifier(torch.flatten(x, 1))
@@ -101,6 +110,11 @@ class ResNet50(nn.Module):
             x = layer(x)
             outs.append(x)
         return outs
+
+    def forward_with_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(forward(x), forward_blocks(x)) in one pass: the evaluation's per-layer probes."""
+        blocks = self.forward_blocks(x)
+        return torch.flatten(self.avgpool(blocks[-1]), 1), blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.forward_blocks(x)[-1]), 1)
