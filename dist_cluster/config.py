@@ -267,11 +267,12 @@ def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:
 # ---------------------------------------------------------------- resuming a run_dir
 
 
-def _flat(node, prefix: str = "") -> dict:
+def flatten(node, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (dicts only; lists stay values)."""
     out = {}
     for key, value in node.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -282,8 +283,8 @@ def resume_changes(saved, cfg: DictConfig, progress: Optional[dict] = None,
     """Check cfg against `saved` (the config, a YAML string, a run_dir's checkpoint was written with)
     and `progress` (where that checkpoint stands). Raises ConfigError naming every key that may not
     change, with both values; returns the allowed changes as (key, old, new)."""
-    old = _flat(OmegaConf.to_container(OmegaConf.create(saved) if isinstance(saved, str) else saved, resolve=True))
-    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    old = flatten(OmegaConf.to_container(OmegaConf.create(saved) if isinstance(saved, str) else saved, resolve=True))
+    new = flatten(OmegaConf.to_container(cfg, resolve=True))
     # a key on one side only comes from another version of this schema: nothing to compare it with
     changed = [(k, old[k], new[k]) for k in new if k in old and old[k] != new[k]]
     refused = [f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in changed if k not in RESUMABLE_KEYS]

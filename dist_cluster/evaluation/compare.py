@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..config import flatten
 from ..logger import read_metrics
 from .evalsets import list_evaluations
 from .figures import plot_runs_curves, stage_seconds
@@ -36,17 +37,6 @@ class Run:
     config: dict  # flattened config.yaml ({} when absent)
     events: list  # metrics.jsonl
     evaluations: list  # [(stem, results)] from evalsets.list_evaluations
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def load_run(path) -> Run:
