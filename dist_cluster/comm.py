@@ -71,16 +71,6 @@ def all_reduce(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_async(tensor: torch.Tensor, group=None):
-    """Start a sum all_reduce of a tensor already on the group's device; returns the work handle
-    (None without peers). For overlapping gradient reductions with backward."""
-    if not initialized():
-        return None
-    if tensor.device != comm_device(group):
-        raise ValueError(f"all_reduce_async needs the tensor on {comm_device(group)}, got {tensor.device}")
-    return dist.all_reduce(tensor, op=SUM, group=group, async_op=True)
-
-
 def broadcast(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """In-place broadcast from the group's first member."""
     if not initialized():

@@ -118,7 +118,7 @@ def make_targets(images: torch.Tensor, keys: Sequence[str], table: LabelTable, r
     sub_per_super = table.k // table.m
     host = torch.stack([rot.double(), (rot * table.m + z1).double(), (z2 - z1 * sub_per_super).double(),
                         table.super_w[z1].double(), table.sub_w[z2].double()])  # integers < 2^53: exact
-    rot_d, super_class, sub_local, super_weight, sub_weight = _to_device(host, device).unbind(0)
+    rot_d, super_class, sub_local, super_weight, sub_weight = to_device(host, device).unbind(0)
     images = images.to(device, non_blocking=True)
     images = rotate_batch(images, rot_d.long()) if rotations > 1 else images
     if channels_last:  # after the rotation, which does not keep the memory format
@@ -127,7 +127,9 @@ def make_targets(images: torch.Tensor, keys: Sequence[str], table: LabelTable, r
                    super_weight=super_weight.float(), sub_weight=sub_weight.float())
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without blocking the host: through pinned memory on CUDA (a copy
+    from pageable memory would wait for the whole stream)."""
     if device.type != "cuda":
         return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)  # pageable memory would block the host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -21,13 +21,12 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import comm, preemption
 from .extract import autocast_for
-from .targets import LabelTable, make_targets
+from .targets import LabelTable, make_targets, to_device
 
 
 def step_seed(*parts: int) -> int:
@@ -105,14 +104,6 @@ def step_stats_vector(loss_super, loss_sub, correct_super, correct_sub, rows_sub
     host_part = to_device(host_part, device)
     host_part[2] = (~finite).double()
     return comm.all_reduce(torch.cat([device_part, host_part]).detach())
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device` without blocking the host: through pinned memory on CUDA (a copy
-    from pageable memory would wait for the whole stream)."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class PendingStats:
