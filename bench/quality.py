@@ -2,6 +2,7 @@
 on Fashion-MNIST, same backbone and same compute budget, labels unused except by `supervised`.
 
     python bench/quality.py                                  # CPU, 2 ranks, 2 epochs each: 25 min here
+    python bench/quality.py --epochs 10 --also-epochs 2 --seeds 0,1,2 --layer-dims 0 --no-raw   # the verdict
     python bench/quality.py --epochs 30 --nproc 1 dist.device=cuda data.num_workers=8   # a GPU machine
 
 Each method is `torchrun ... launch/train.py --config configs/fmnist.yaml mode=<m> train.epochs=E`
@@ -9,8 +10,12 @@ followed by `torchrun ... launch/eval.py` on the same ranks (linear probe, weigh
 k-means k=10 NMI, and the per-layer probes the Quickstart skips); random init
 is the trunk every run starts from, exported untrained (`launch/train.py --export-init`). Raw
 pixels: the same probe and k-means on the 784 pixels.
-Prints a table, writes bench/results/quality.json (with commands and wall times) and keeps each run
-under bench/runs/<method>/.
+--seeds repeats every method but random init and supervised; --also-epochs evaluates each run's
+trunk at earlier epochs too (its round copies: the constant schedule makes it the trunk of a shorter run).
+Prints a table per run and the mean ± std over seeds with the fraction of the random-to-supervised gap
+closed, and the verdict (DeeperCluster ahead of DeepCluster and RotNet by more than one std);
+writes bench/results/quality.json (settings, summary, rows with commands and wall times) after every
+run (--resume continues it) and keeps each run under bench/runs/<method>-s<seed>/.
 """
 from __future__ import annotations
 
@@ -41,10 +46,15 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def train_command(method: str, args) -> list[str]:
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-s{seed}"
+
+
+def train_command(method: str, args, seed: int = 0) -> list[str]:
     """The command that leaves RUN/export (random) or RUN/checkpoints (the others) for launch/eval.py."""
-    run_dir = Path(args.runs) / method
-    common = [f"run_dir={run_dir}", f"data.train={args.train}", f"data.test={args.test}", *args.overrides]
+    run_dir = Path(args.runs) / run_name(method, seed)
+    common = [f"run_dir={run_dir}", f"data.train={args.train}", f"data.test={args.test}", f"seed={seed}",
+              *args.overrides]
     if method == "random":  # the initial trunk of a deepercluster run, exported without training
         return [sys.executable, "launch/train.py", "--config", args.config, "--export-init",
                 "mode=deepercluster", *common]
@@ -53,25 +63,51 @@ def train_command(method: str, args) -> list[str]:
             "--config", args.config, f"mode={method}", f"train.epochs={args.epochs}", *common]
 
 
-def train_and_eval(method: str, args) -> dict:
-    run_dir = Path(args.runs) / method
-    log = Path(args.runs) / f"{method}.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    train_cmd = train_command(method, args)
-    # the evaluation on the training's ranks: features extracted and probes fitted in parallel
-    # (the same numbers as one process up to float rounding, 1.2x faster here: README, Benchmarks)
+def round_copy(run_dir: Path, epochs: int) -> Path:
+    """RUN/checkpoints/round_<r>.pt, the trunk after `epochs` epochs (the rounds are `reassign` epochs long;
+    with the constant schedule nothing before it depends on the run's total, so it is the trunk a run of
+    `epochs` epochs ends with)."""
+    from omegaconf import OmegaConf
+    train = OmegaConf.load(run_dir / "config.yaml").train
+    if epochs % train.reassign or train.get("schedule", "constant") != "constant" or train.get("warmup_epochs", 0):
+        raise SystemExit(f"--also-epochs {epochs}: needs a constant schedule and a multiple of "
+                         f"train.reassign={train.reassign}")
+    return run_dir / "checkpoints" / f"round_{epochs // train.reassign - 1}.pt"
+
+
+def evaluate(run_dir: Path, args, log: Path, checkpoint: Path | None = None, name: str | None = None):
+    """launch/eval.py on the training's ranks: (its results, wall seconds, command)."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    eval_cmd = [torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "launch/eval.py", "--run-dir",
-                str(run_dir), "--train", args.train,
-                "--test", args.test, "--max-train", str(args.max_train), "--layer-dims", str(args.layer_dims),
-                "--no-report"]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", str(args.nproc), "launch/eval.py", "--run-dir",
+           str(run_dir), "--train", args.train, "--test", args.test, "--max-train", str(args.max_train),
+           "--layer-dims", str(args.layer_dims), "--no-report"]
+    if checkpoint is not None:
+        cmd += ["--checkpoint", str(checkpoint), "--name", name]
+    seconds = run(cmd, log)
+    result = json.loads((run_dir / (f"eval-{name}.json" if name else "eval.json")).read_text())
+    return result, seconds, cmd
+
+
+def train_and_eval(method: str, args, seed: int) -> list[dict]:
+    """One training run of args.epochs epochs, evaluated at its end and at each of args.also_epochs."""
+    run_dir = Path(args.runs) / run_name(method, seed)
+    log = Path(args.runs) / f"{run_name(method, seed)}.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    train_cmd = train_command(method, args, seed)
     train_s = run(train_cmd, log)
-    eval_s = run(eval_cmd, log)
-    result = json.loads((run_dir / "eval.json").read_text())
-    row = {key: result.get(key) for key in KEYS}
-    row.update(linear_by_layer=result.get("linear_by_layer"), train_seconds=train_s, eval_seconds=eval_s,
-               train_cmd=" ".join(train_cmd), eval_cmd=" ".join(eval_cmd))
-    return row
+    ends = [None] if method == "random" else [*[e for e in args.also_epochs if e < args.epochs], args.epochs]
+    rows = []
+    for epochs in ends:
+        copy = round_copy(run_dir, epochs) if epochs not in (None, args.epochs) else None
+        result, eval_s, eval_cmd = evaluate(run_dir, args, log, copy, copy and f"e{epochs}")
+        row = {"method": method, "seed": seed, "epochs": epochs or 0}
+        row.update({key: result.get(key) for key in KEYS})
+        if copy is not None:  # the run's last clusters are not this trunk's
+            row["nmi_clusters_train"] = None
+        row.update(linear_by_layer=result.get("linear_by_layer"), train_seconds=train_s if copy is None else 0.0,
+                   eval_seconds=eval_s, train_cmd=" ".join(train_cmd), eval_cmd=" ".join(eval_cmd))
+        rows.append(row)
+    return rows
 
 
 def raw_pixels(args) -> dict:
@@ -108,41 +144,134 @@ def best_layer(row: dict) -> str:
     return f"{by_layer[name]:.4f} ({name})"
 
 
-def print_table(rows: dict) -> None:
-    print("\n| method | linear top-1 | kNN top-1 | NMI k=10 | AMI k=10 | Hungarian acc | NMI own clusters | "
-          "best conv layer | train s | eval s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
+def print_table(rows: list[dict]) -> None:
+    print("\n| method | epochs | seed | linear top-1 | kNN top-1 | NMI k=10 | AMI k=10 | Hungarian acc | "
+          "NMI own clusters | best conv layer | train s | eval s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
         cells = [f"{row[k]:.4f}" if isinstance(row.get(k), (int, float)) else "-" for k in KEYS]
-        print(f"| {name} | " + " | ".join(cells) + f" | {best_layer(row)} | {row['train_seconds']:.0f} | "
-              f"{row['eval_seconds']:.0f} |")
+        print(f"| {row['method']} | {row['epochs']} | {row['seed']} | " + " | ".join(cells) +
+              f" | {best_layer(row)} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
+
+
+VERDICT_KEYS = ("linear_top1", "knn_top1", "nmi_k10")
+SIGNALS = ("deepercluster", "deepcluster", "rotnet")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and sample std (ddof 1) over seeds per (method, epochs), and the fraction of the gap from
+    random init to supervised (at the same epochs) that the mean closes."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["epochs"]), []).append(row)
+    random = groups.get(("random", 0), [None])[0]
+    summary = []
+    for (method, epochs), members in groups.items():
+        entry = {"method": method, "epochs": epochs, "seeds": [r["seed"] for r in members]}
+        for key in VERDICT_KEYS:
+            values = np.array([r[key] for r in members], dtype=np.float64)
+            entry[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+            top = groups.get(("supervised", epochs))
+            if random and top:
+                top_mean = float(np.mean([r[key] for r in top]))
+                entry[key]["gap_closed"] = (entry[key]["mean"] - random[key]) / (top_mean - random[key])
+        summary.append(entry)
+    return summary
+
+
+def verdict(summary: list[dict]) -> list[str]:
+    """The issue's goal at each epoch count: DeeperCluster's mean ahead of each single-signal baseline's by
+    more than the larger of their two stds on every metric, and >= 60% of the random-to-supervised gap
+    closed on linear and kNN."""
+    by = {(e["method"], e["epochs"]): e for e in summary}
+    lines = []
+    for epochs in sorted({e["epochs"] for e in summary if e["method"] == "deepercluster"}):
+        ours = by[("deepercluster", epochs)]
+        for base in ("deepcluster", "rotnet"):
+            if (base, epochs) not in by:
+                continue
+            other = by[(base, epochs)]
+            for key in VERDICT_KEYS:
+                lead = ours[key]["mean"] - other[key]["mean"]
+                noise = max(ours[key]["std"], other[key]["std"])
+                lines.append(f"{epochs} epochs, {key}: DeeperCluster - {base} = {lead:+.4f} "
+                             f"({'ahead' if lead > noise else 'NOT ahead'} by > 1 std = {noise:.4f})")
+        for key in ("linear_top1", "knn_top1"):
+            gap = ours[key].get("gap_closed")
+            if gap is not None:
+                lines.append(f"{epochs} epochs, {key}: DeeperCluster closes {gap:.0%} of the random-to-supervised "
+                             f"gap ({'>=' if gap >= 0.6 else '<'} 60%)")
+    return lines
+
+
+def print_summary(summary: list[dict]) -> None:
+    print("\n| method | epochs | seeds | linear top-1 | kNN top-1 | NMI k=10 | gap closed (linear / kNN) |")
+    print("|---|---|---|---|---|---|---|")
+    for e in sorted(summary, key=lambda e: (e["epochs"], e["method"])):
+        cells = [f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" for k in VERDICT_KEYS]
+        gaps = " / ".join(f"{e[k]['gap_closed']:.0%}" if "gap_closed" in e[k] else "-"
+                          for k in ("linear_top1", "knn_top1"))
+        print(f"| {e['method']} | {e['epochs']} | {len(e['seeds'])} | " + " | ".join(cells) + f" | {gaps} |")
+    for line in verdict(summary):
+        print(line)
+
+
+def plan(args) -> list[tuple[str, int]]:
+    """(method, seed) in run order: random init and supervised once (first seed), the rest seed after seed,
+    so that a cut-short bench has whole seeds."""
+    methods = args.methods.split(",")
+    once = [m for m in ("random", "supervised") if m in methods]
+    per_seed = [m for m in methods if m not in once]
+    order = [(m, args.seeds[0]) for m in once if m == "random"]
+    for i, seed in enumerate(args.seeds):
+        order += [(m, seed) for m in per_seed]
+        if i == 0:
+            order += [(m, seed) for m in once if m == "supervised"]
+    return order
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2, help="2 = configs/fmnist.yaml, the Quickstart run")
+    parser.add_argument("--also-epochs", default="", help="also evaluate each run's trunk after these epochs "
+                        "(comma list; from its round copies)")
+    parser.add_argument("--seeds", default="0", help="comma list; random init and supervised use the first")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--config", default="configs/fmnist.yaml")
     parser.add_argument("--train", default="data/fmnist/train")
     parser.add_argument("--test", default="data/fmnist/test")
     parser.add_argument("--max-train", type=int, default=0, help="probe on a subset of the train split (0: all 60k)")
-    parser.add_argument("--layer-dims", type=int, default=1024, help="per-layer probe width (papers: ~10k)")
+    parser.add_argument("--layer-dims", type=int, default=1024, help="per-layer probe width (papers: ~10k; 0: none)")
     parser.add_argument("--runs", default=str(ROOT / "bench" / "runs"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-pixel baseline (sweeps)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out (same settings)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = parser.parse_args()
-    rows = {} if args.no_raw else {"raw pixels": raw_pixels(args)}
-    if rows:
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.also_epochs = [int(e) for e in args.also_epochs.split(",") if e]
+    settings = {"epochs": args.epochs, "nproc": args.nproc, "overrides": args.overrides,
+                "max_train": args.max_train, "layer_dims": args.layer_dims}
+    out = Path(args.out)
+    rows: list[dict] = []
+    if args.resume and out.exists():
+        stored = json.loads(out.read_text())
+        if stored.get("settings") != settings:
+            raise SystemExit(f"--resume: {out} was written with {stored.get('settings')}, not {settings}")
+        rows = stored["rows"]
+    if not args.no_raw and not any(r["method"] == "raw pixels" for r in rows):
+        rows.append({"method": "raw pixels", "seed": 0, "epochs": 0, **raw_pixels(args)})
+    done = {(r["method"], r["seed"]) for r in rows}
+    for method, seed in plan(args):
+        if (method, seed) not in done:
+            rows += train_and_eval(method, args, seed)
         print_table(rows)
-    for method in args.methods.split(","):
-        rows[method] = train_and_eval(method, args)
-        print_table(rows)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"epochs": args.epochs, "nproc": args.nproc,
-                                              "overrides": args.overrides, "rows": rows}, indent=1))
-    print(f"wrote {args.out}")
+        summary = summarize(rows)
+        print_summary(summary)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"settings": settings, "summary": summary, "rows": rows}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

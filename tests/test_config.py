@@ -119,5 +119,30 @@ def test_quality_bench_random_row_uses_export_init(tmp_path):
     random_cmd = quality.train_command("random", args)
     assert "--export-init" in random_cmd and not any(w.startswith("train.epochs") for w in random_cmd)
     assert random_cmd[random_cmd.index("--export-init") + 1:] == [
-        "mode=deepercluster", f"run_dir={tmp_path / 'random'}", "data.train=data/t", "data.test=data/v", "seed=3"]
+        "mode=deepercluster", f"run_dir={tmp_path / 'random-s0'}", "data.train=data/t", "data.test=data/v",
+        "seed=0", "seed=3"]  # the user's override comes last, so it wins
     assert "train.epochs=2" in quality.train_command("rotnet", args)
+    assert "seed=2" in quality.train_command("rotnet", args, seed=2)
+
+
+def test_quality_bench_summary_and_verdict():
+    """Mean, sample std over seeds and the gap closed, checked by hand on made-up rows."""
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    def row(method, seed, epochs, v):
+        return {"method": method, "seed": seed, "epochs": epochs, "linear_top1": v, "knn_top1": v, "nmi_k10": v}
+    rows = [row("random", 0, 0, 0.5), row("supervised", 0, 10, 0.9),
+            *[row("deepercluster", s, 10, v) for s, v in enumerate((0.80, 0.82, 0.84))],
+            *[row("rotnet", s, 10, v) for s, v in enumerate((0.70, 0.71, 0.72))],
+            *[row("deepcluster", s, 10, v) for s, v in enumerate((0.79, 0.80, 0.81))]]
+    by = {(e["method"], e["epochs"]): e for e in quality.summarize(rows)}
+    ours = by[("deepercluster", 10)]["linear_top1"]
+    assert ours["mean"] == pytest.approx(0.82) and ours["std"] == pytest.approx(0.02)
+    assert ours["gap_closed"] == pytest.approx((0.82 - 0.5) / (0.9 - 0.5))
+    lines = quality.verdict(quality.summarize(rows))
+    assert any("rotnet" in l and "(ahead" in l for l in lines)
+    assert any("deepcluster" in l and "NOT ahead" in l for l in lines)  # lead 0.02 is not > std 0.02
+    plan = quality.plan(SimpleNamespace(methods="random,rotnet,deepercluster,supervised", seeds=[0, 1]))
+    assert plan == [("random", 0), ("rotnet", 0), ("deepercluster", 0), ("supervised", 0),
+                    ("rotnet", 1), ("deepercluster", 1)]
