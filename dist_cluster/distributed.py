@@ -204,19 +204,85 @@ def loopback_bytes() -> Optional[int]:
 # ---------------------------------------------------------------- groups
 
 
-def ownership(num_items: int, world: int) -> list[list[int]]:
+def ownership(num_items: int, world: int, loads: Optional[Sequence[float]] = None) -> list[list[int]]:
     """Ranks that own each of `num_items` items (super-clusters, heads), for any world size.
 
-    world >= num_items: ranks split into contiguous groups whose sizes differ by at most one;
-    world < num_items: item i is owned by rank i * world // num_items (contiguous blocks).
-    Every rank owns something and every item has at least one owner.
+    Without loads (or all equal): world >= num_items, ranks split into contiguous groups whose
+    sizes differ by at most one; world < num_items, item i goes to rank i * world // num_items.
+    With loads (the rows of each item; the same list on every rank), the work follows the data:
+    world >= num_items, each item gets one rank and every further rank goes to the item with the
+    most rows per rank (D'Hondt), which minimises the largest rows-per-rank; world < num_items,
+    largest item first to the least-loaded rank (LPT). Every rank owns something and every item
+    has at least one owner.
     """
     if num_items < 1 or world < 1:
         raise ValueError(f"ownership needs num_items >= 1 and world >= 1, got {num_items}, {world}")
+    if loads is not None and len(loads) != num_items:
+        raise ValueError(f"ownership: {len(loads)} loads for {num_items} items")
+    if loads is None or len(set(float(x) for x in loads)) <= 1:
+        if world >= num_items:
+            bounds = [i * world // num_items for i in range(num_items + 1)]
+            return [list(range(bounds[i], bounds[i + 1])) for i in range(num_items)]
+        return [[i * world // num_items] for i in range(num_items)]
+    loads = [float(x) for x in loads]
     if world >= num_items:
-        bounds = [i * world // num_items for i in range(num_items + 1)]
-        return [list(range(bounds[i], bounds[i + 1])) for i in range(num_items)]
-    return [[i * world // num_items] for i in range(num_items)]
+        members = [1] * num_items
+        for _ in range(world - num_items):
+            busiest = max(range(num_items), key=lambda i: (loads[i] / members[i], -i))
+            members[busiest] += 1
+        starts = [sum(members[:i]) for i in range(num_items)]
+        return [list(range(starts[i], starts[i] + members[i])) for i in range(num_items)]
+    rank_load, rank_items, owners = [0.0] * world, [0] * world, [[0] for _ in range(num_items)]
+    for i in sorted(range(num_items), key=lambda i: (-loads[i], i)):
+        r = min(range(world), key=lambda r: (rank_load[r], rank_items[r], r))  # empty ranks first on ties
+        owners[i] = [r]
+        rank_load[r] += loads[i]
+        rank_items[r] += 1
+    return owners
+
+
+def imbalance(owners: Sequence[Sequence[int]], loads: Sequence[float], world: int) -> float:
+    """The busiest rank's rows over the mean rows per rank (1.0: perfectly balanced): how much longer
+    the slowest rank of a stage whose work is proportional to the rows takes than an even split."""
+    per_rank = [0.0] * world
+    for item, ranks in enumerate(owners):
+        for r in ranks:
+            per_rank[r] += float(loads[item]) / len(ranks)
+    mean = sum(per_rank) / world
+    return max(per_rank) / mean if mean > 0 else 1.0
+
+
+class GroupCache:
+    """Process groups per partition (rank lists), the `capacity` most recently used ones kept.
+    Ownership that follows the cluster sizes changes every round: evicting old partitions destroys
+    their groups, so a long run does not pile up communicators (NCCL keeps device buffers for each).
+    Every rank makes the same calls in the same order, so all evict and create together."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._world = None
+        self._partitions: dict[tuple, list[Optional[dist.ProcessGroup]]] = {}  # oldest first
+
+    def groups(self, rank_lists: Sequence[Sequence[int]]) -> list[Optional[dist.ProcessGroup]]:
+        """new_groups(rank_lists), or the cached ones; collective on a miss."""
+        if self._world is not dist.group.WORLD:  # a re-initialised default group: all stale
+            self._partitions, self._world = {}, dist.group.WORLD
+        key = tuple(tuple(r) for r in rank_lists)
+        if key in self._partitions:
+            self._partitions[key] = self._partitions.pop(key)  # most recent last
+            return self._partitions[key]
+        while len(self._partitions) >= self.capacity:
+            self._destroy(self._partitions.pop(next(iter(self._partitions))))
+        self._partitions[key] = new_groups(rank_lists)
+        return self._partitions[key]
+
+    def __len__(self) -> int:
+        return len(self._partitions)
+
+    @staticmethod
+    def _destroy(groups: list[Optional[dist.ProcessGroup]]) -> None:
+        for group in {id(g): g for g in groups if g is not None}.values():
+            dist.destroy_process_group(group)
 
 
 def new_groups(rank_lists: Sequence[Sequence[int]]) -> list[Optional[dist.ProcessGroup]]:

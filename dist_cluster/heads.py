@@ -3,7 +3,8 @@
 Targets of an image: rotation y in [0, R), super-cluster z1 in [0, m), sub-cluster z2 (global id,
 z1 * (k // m) + local). Super-class s = y * m + z1 (S = R * m classes); sub head s predicts the
 local sub id (k // m classes) and exists only on the ranks that own s
-(`distributed.ownership(S, W)`): W >= S, a group of ranks shares a head; W < S, a rank owns several.
+(`distributed.ownership(S, W, loads)`, which follows the expected rows per head): W >= S, a
+group of ranks shares a head; W < S, a rank owns several.
 
     model = DDP(TrunkAndSuperHead(trunk, S))            # replicated part, the trainer wraps it
     heads = RoutedHeads(D, S, k // m, device, seed)     # every rank, same arguments
@@ -35,10 +36,11 @@ from . import comm, distributed
 
 HEAD_INIT_STD = 0.01  # DeepCluster's top-layer init: N(0, 0.01), zero bias
 
-# Heads are rebuilt after every re-clustering; their process groups are not: a new communicator
-# per round would leak NCCL resources over a long run. Keyed by the default group itself, so a
-# re-initialised default group (a new object) never sees stale groups.
-_GROUPS: dict = {}
+# Heads are rebuilt after every re-clustering; their process groups only when the ownership
+# changes (it follows the super-cluster sizes), and old partitions are destroyed: a new communicator
+# per round would leak NCCL resources over a long run.
+_HEAD_GROUPS = distributed.GroupCache(capacity=4)
+_GROUPS: dict = {}  # the routing group, keyed by the default group (a re-initialised one is new)
 
 
 def _cached(key: tuple, make):
@@ -85,7 +87,7 @@ class RoutedHeads(nn.Module):
     """The sub heads this rank owns, and the all_to_all routing of rows to their owners."""
 
     def __init__(self, feature_dim: int, num_heads: int, sub_classes: int,
-                 device: Optional[torch.device] = None, seed: int = 0):
+                 device: Optional[torch.device] = None, seed: int = 0, loads: Optional[list] = None):
         super().__init__()
         if sub_classes < 1:
             raise ValueError(f"sub_classes must be >= 1, got {sub_classes}")
@@ -94,9 +96,10 @@ class RoutedHeads(nn.Module):
                                "(it also runs with world size 1)")
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.num_heads, self.sub_classes, self.feature_dim = num_heads, sub_classes, feature_dim
-        self.owners = distributed.ownership(num_heads, self.world)
-        groups = _cached(("heads",) + tuple(map(tuple, self.owners)),
-                         lambda: distributed.new_groups(self.owners))  # collective: every rank, same order
+        # loads: the expected rows of each head (the same on every rank), so that the ranks go where
+        # the rows are; None: an even split (the rows per head are equal in expectation)
+        self.owners = distributed.ownership(num_heads, self.world, loads)
+        groups = _HEAD_GROUPS.groups(self.owners)  # collective on a new partition: every rank, same order
         self.owned = [s for s, ranks in enumerate(self.owners) if self.rank in ranks]
         self._groups = {s: groups[s] for s in self.owned}
         # the routing collectives get their own communicator, so they can never interleave with the

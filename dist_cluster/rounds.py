@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -135,7 +136,16 @@ class Run:
         return LabelTable(clusters.keys, clusters.super, clusters.sub, clusters.super_sizes,
                           clusters.sub_sizes, self.cfg.cluster.k, self.cfg.cluster.m, self.cfg.train.balance)
 
-    def new_heads(self, round_idx: int) -> None:
+    def head_loads(self, clusters) -> Optional[list[int]]:
+        """Expected rows of each sub head, so that head ownership follows the data: with every image
+        seen once per epoch (balance weight | none) super-class y * m + z1 gets the rows of
+        super-cluster z1; the original's sampler (resample) draws the super-classes uniformly."""
+        if clusters is None or self.cfg.train.balance == "resample":
+            return None
+        sizes = [int(n) for n in clusters.super_sizes]
+        return [sizes[s % len(sizes)] for s in range(self.num_super)]
+
+    def new_heads(self, round_idx: int, clusters=None) -> None:
         """Cluster ids are permuted between rounds: fresh heads and fresh head optimisers."""
         seed = self.cfg.seed * 1000 + round_idx
         self.module.super_head.reset(seed)
@@ -143,18 +153,18 @@ class Run:
         self.heads = None
         if self.sub_classes > 1:
             self.heads = RoutedHeads(self.module.trunk.feature_dim, self.num_super, self.sub_classes,
-                                     self.device, seed=seed)
+                                     self.device, seed=seed, loads=self.head_loads(clusters))
             params += list(self.heads.parameters())
         self.head_opt = sgd(params, self.cfg.train)
 
-    def heads_for_round(self, round_idx: int) -> None:
+    def heads_for_round(self, round_idx: int, clusters) -> None:
         """After a re-clustering the targets are new: fresh heads. RotNet and supervised targets never
         change, so their classifier (and its momentum) carries on from the last round, as in the
         original's RotNet mode; only the first round, or a resume, builds it."""
         if self.clusters_needed or round_idx == 0:
-            self.new_heads(round_idx)
+            self.new_heads(round_idx, clusters)
         elif self.head_opt is None:  # resumed at a round boundary: the saved classifier
-            self.restore_heads(round_idx)
+            self.restore_heads(round_idx, clusters)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -193,9 +203,9 @@ class Run:
             self.logger.event("config_change", step=self.state["global_step"], key=key, old=old, new=new)
         return True
 
-    def restore_heads(self, round_idx: int) -> None:
+    def restore_heads(self, round_idx: int, clusters) -> None:
         """Resumed mid-round: the heads (super head included) and their optimiser as saved."""
-        self.new_heads(round_idx)  # builds heads and optimiser; the saved values then overwrite them
+        self.new_heads(round_idx, clusters)  # builds heads and optimiser; the saved values then overwrite them
         shared, per_rank = self._resumed
         self.module.super_head.load_state_dict(
             {k.removeprefix("super_head."): v for k, v in shared["model"].items() if k.startswith("super_head.")})
@@ -221,13 +231,13 @@ class Run:
         for round_idx in range(self.state["round"], self.num_rounds):
             if self.state["phase"] == "cluster":
                 clusters = self.cluster(round_idx, prev)
-                self.heads_for_round(round_idx)
+                self.heads_for_round(round_idx, clusters)
                 self.state.update(phase="train", epoch=round_idx * self.cfg.train.reassign, step=0)
                 self.save()
             else:  # resumed inside the training phase of this round
                 clusters = load_cluster_state(self.run_dir, round_idx, self.env.rank) \
                     if self.clusters_needed else None
-                self.restore_heads(round_idx)
+                self.restore_heads(round_idx, clusters)
             self.train_round(round_idx, self.label_table(clusters))
             prev = clusters
             self.state.update(round=round_idx + 1, phase="cluster", step=0)

@@ -1,9 +1,13 @@
 """The runtime module: rank detection, ownership for any W against the number of items, groups."""
+import itertools
+import random
+
+import pytest
 import torch
 import torch.distributed as dist
 
 from dist_cluster import distributed
-from dist_cluster.distributed import detect_ranks, first_slurm_host, ownership
+from dist_cluster.distributed import detect_ranks, first_slurm_host, imbalance, ownership
 from tests.dist_utils import run_ranks
 
 
@@ -32,6 +36,64 @@ def test_ownership_covers_every_item_and_rank():
                 flat = [r for o in owners for r in o]
                 assert sorted(flat) == list(range(world))
                 assert max(map(len, owners)) - min(map(len, owners)) <= 1
+
+
+def _best_max_rows_per_rank(loads, world):
+    """Brute force over every split of `world` ranks into len(loads) groups of >= 1: the smallest
+    possible largest rows-per-rank (the reference D'Hondt must reach)."""
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, world), len(loads) - 1):
+        sizes = [b - a for a, b in zip((0,) + cuts, cuts + (world,))]
+        best = min(best, max(load / size for load, size in zip(loads, sizes)))
+    return best
+
+
+def test_ownership_by_rows_minimises_the_busiest_rank():
+    rng = random.Random(0)
+    for _ in range(200):
+        items, world = rng.randint(1, 5), rng.randint(1, 9)
+        loads = [rng.choice([0, 1, 3, 10, 40]) + rng.random() for _ in range(items)]
+        owners = ownership(items, world, loads)
+        assert len(owners) == items and all(owners)
+        assert sorted({r for o in owners for r in o}) == list(range(world))
+        if world >= items:  # contiguous disjoint groups, the busiest rank as light as possible
+            assert [r for o in owners for r in o] == list(range(world))
+            worst = max(load / len(o) for load, o in zip(loads, owners))
+            assert worst == pytest.approx(_best_max_rows_per_rank(loads, world))
+        else:  # LPT: one owner each, the busiest rank within Graham's 4/3 of the best assignment
+            assert all(len(o) == 1 for o in owners)
+            per_rank = [sum(l for l, o in zip(loads, owners) if o == [r]) for r in range(world)]
+            best = min(max(sum(l for l, r in zip(loads, a) if r == q) for q in range(world))
+                       for a in itertools.product(range(world), repeat=items))
+            assert max(per_rank) <= 4 / 3 * best + 1e-9
+    assert ownership(3, 4, [5, 5, 5]) == ownership(3, 4)  # equal rows: the even split
+    assert ownership(2, 4, [30, 10]) == [[0, 1, 2], [3]]
+    assert imbalance(ownership(2, 4), [30, 10], 4) == pytest.approx(1.5)  # the static split: 15 vs 10
+    assert imbalance(ownership(2, 4, [30, 10]), [30, 10], 4) == pytest.approx(1.0)
+
+
+def _group_cache_evicts(rank, world):
+    """Three partitions through a cache of two: the oldest is destroyed, the live ones still reduce."""
+    cache = distributed.GroupCache(capacity=2)
+    partitions = [ownership(2, world), ownership(2, world, [3, 1]), ownership(2, world, [1, 3])]
+    sums = []
+    for owners in partitions:
+        for ranks, group in zip(owners, cache.groups(owners)):
+            if group is not None:
+                t = torch.tensor([float(rank)])
+                dist.all_reduce(t, group=group)
+                sums.append(t.item())
+    first_again = cache.groups(partitions[0])  # evicted: rebuilt, and it works
+    mine = [g for g in first_again if g is not None]
+    t = torch.ones(1)
+    dist.all_reduce(t, group=mine[0])
+    return sums, len(cache), t.item()
+
+
+def test_group_cache_keeps_the_latest_partitions():
+    results = run_ranks(_group_cache_evicts, 4)
+    assert [r[0] for r in results] == [[1.0, 3.0, 0.0], [1.0, 3.0, 6.0], [5.0, 3.0, 6.0], [5.0, 3.0, 6.0]]
+    assert all(r[1] == 2 and r[2] == 2.0 for r in results)
 
 
 def _groups_allreduce(rank, world):

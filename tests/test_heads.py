@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_cluster.distributed import ownership
 from dist_cluster.heads import HEAD_INIT_STD, RoutedHeads, TrunkAndSuperHead
 from dist_cluster.targets import Targets
 from dist_cluster.trainer import PendingStats, sgd, train_step
@@ -53,12 +54,12 @@ def _trunk(seed):
 
 def _distributed_step(rank, world, case):
     """trainer.train_step on this rank's slice; returns its gradients and logged statistics."""
-    num_super, sub_classes, sizes, weighted, seed, skip_head = case
+    num_super, sub_classes, sizes, weighted, seed, skip_head, *loads = case
     x, sup, sub, w_super, w_sub = _case_data(*case[:5], skip_head)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     module = TrunkAndSuperHead(_trunk(seed), num_super, seed=seed)
     model = DDP(module)
-    heads = RoutedHeads(FEAT_DIM, num_super, sub_classes, seed=seed)
+    heads = RoutedHeads(FEAT_DIM, num_super, sub_classes, seed=seed, loads=loads[0] if loads else None)
     trunk_opt = sgd(module.trunk.parameters(), CFG.train)
     head_opt = sgd(list(module.super_head.parameters()) + list(heads.parameters()), CFG.train)
     targets = Targets(images=x[lo:hi], super_class=sup[lo:hi], sub_local=sub[lo:hi],
@@ -66,7 +67,7 @@ def _distributed_step(rank, world, case):
     stats = PendingStats(train_step(model, heads, targets, trunk_opt, head_opt, 0.0, CFG, CPU)).result(world)
     # numpy, not tensors: torch.multiprocessing would pass tensors through shared memory that
     # disappears when the rank exits before the parent has read them
-    return dict(loss_super=stats.loss_super, loss_sub=stats.loss_sub, acc_sub=stats.acc_sub,
+    return dict(loss_super=stats.loss_super, loss_sub=stats.loss_sub, acc_sub=stats.acc_sub, owners=heads.owners,
                 trunk=[p.grad.numpy() for p in module.trunk.parameters()],
                 super=[p.grad.numpy() for p in module.super_head.parameters()],
                 heads={s: [p.grad.numpy() for p in heads.heads[str(s)].parameters()] for s in heads.owned})
@@ -74,7 +75,7 @@ def _distributed_step(rank, world, case):
 
 def _reference(case):
     """One process, all heads, the whole batch: the original's losses (module docstring)."""
-    num_super, sub_classes, sizes, weighted, seed, skip_head = case
+    num_super, sub_classes, sizes, weighted, seed, skip_head = case[:6]
     x, sup, sub, w_super, w_sub = _case_data(*case[:5], skip_head)
     trunk = _trunk(seed)
     super_w = torch.randn(num_super, FEAT_DIM, generator=torch.Generator().manual_seed(seed * 1_000_003))
@@ -128,6 +129,8 @@ def _check(results, case):
             owners_seen.add(s)
             assert all(_close(a, b) for a, b in zip(grads, ref["heads"][s])), (case, s)
     assert owners_seen == set(range(case[0]))
+    loads = case[6] if len(case) > 6 else None  # the owners follow the expected rows per head
+    assert all(r["owners"] == ownership(case[0], len(results), loads) for r in results)
 
 
 def _run_cases(rank, world, cases):
@@ -141,7 +144,9 @@ CASES_W2 = [(4, 3, [5, 7], False, 0, -1),    # W < S: 2 heads per rank
 CASES_W4 = [(4, 3, [3, 5, 4, 6], False, 3, -1),  # W = S
             (2, 3, [6, 2, 7, 5], True, 4, -1),   # W > S: groups of 2 ranks per head
             (3, 2, [4, 4, 0, 8], True, 5, 0),    # groups [0], [1], [2, 3]; head 0 never seen
-            (8, 3, [5, 6, 7, 9], True, 6, -1)]   # W < S
+            (8, 3, [5, 6, 7, 9], True, 6, -1),   # W < S
+            (2, 3, [6, 2, 7, 5], True, 8, -1, [3, 1]),  # W > S, owners by rows: [0, 1, 2], [3]
+            (8, 3, [5, 6, 7, 9], True, 9, -1, [8, 1, 1, 1, 5, 1, 1, 1])]  # W < S, largest first (LPT)
 
 
 def test_train_step_matches_the_original_single_rank():

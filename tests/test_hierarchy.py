@@ -18,6 +18,7 @@ from dist_cluster.cluster.route import route_destinations
 from dist_cluster.cluster.nmi import distributed_nmi
 from dist_cluster.cluster.stage import load_cluster_state, round_dir, run_clustering
 from dist_cluster.config import ClusterConfig
+from dist_cluster.distributed import imbalance, ownership
 from dist_cluster.logger import MetricLogger, read_metrics
 from tests.dist_utils import run_ranks
 from tests.test_kmeans import numpy_lloyd
@@ -51,8 +52,21 @@ def lopsided(seed=0):
     return x[rng.permutation(len(x))].astype(np.float32)
 
 
+def uneven_blobs(sizes=(80, 30, 30), d=6, seed=3):
+    """Far-apart super-clusters of unequal sizes, two blobs each: ownership must follow the rows."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in sizes:
+        center = rng.standard_normal(d) * 100
+        for half in (size // 2, size - size // 2):
+            rows.append(center + rng.standard_normal(d) * 5 + 0.3 * rng.standard_normal((half, d)))
+    x = np.concatenate(rows)
+    return x[rng.permutation(len(x))].astype(np.float32)
+
+
 NITER = 5
 NESTED = nested_blobs()
+UNEVEN = uneven_blobs()
 HIER_CASES_2 = {  # name: (x, shard bounds per rank, k, m, seed)
     "w_lt_m": (NESTED, (0, 70, 120), 6, 3, 1),  # W=2 < m=3: rank 0 owns two super-clusters
     "flat": (NESTED, (0, 50, 120), 4, 1, 2),  # DeepCluster: m = 1
@@ -60,8 +74,10 @@ HIER_CASES_2 = {  # name: (x, shard bounds per rank, k, m, seed)
     "k_eq_m": (NESTED, (0, 60, 120), 3, 3, 4),
     "clamp": (lopsided(), (0, 25, 60), 50, 2, 5),
     "too_many": (NESTED[:9], (0, 4, 9), 12, 3, 0),
+    "w_lt_m_uneven": (UNEVEN, (0, 60, 140), 6, 3, 8),  # the 80-row super-cluster alone on one rank
 }
-HIER_CASES_4 = {"w_gt_m": (NESTED, (0, 40, 80, 120, 120), 6, 3, 6)}  # groups [0], [1], [2, 3]; rank 3 empty
+HIER_CASES_4 = {"w_gt_m": (NESTED, (0, 40, 80, 120, 120), 6, 3, 6),  # a group of 2 ranks; rank 3 without rows
+                "w_gt_m_uneven": (UNEVEN, (0, 50, 90, 100, 140), 6, 3, 9)}  # 2 ranks for the 80 rows
 
 
 def _hier_cases(rank, cases):
@@ -195,9 +211,30 @@ def test_w_smaller_than_m_routes_and_matches_reference(two_ranks):
 
 def test_w_larger_than_m_with_an_empty_rank(four_rank_hier):
     check_against_reference(HIER_CASES_4, four_rank_hier, "w_gt_m")
-    assert four_rank_hier[0]["w_gt_m"]["owners"] == [[0], [1], [2, 3]]
+    res = four_rank_hier[0]["w_gt_m"]
+    assert res["owners"] == ownership(3, 4, res["super_sizes"].tolist()), res["super_sizes"]
     assert len(four_rank_hier[3]["w_gt_m"]["sub"]) == 0
     assert 2 in four_rank_hier[3]["w_gt_m"]["centroids_sub"]  # rank 3 clustered routed rows of super 2
+
+
+def _check_owners_follow_sizes(per_rank, name, world):
+    res = per_rank[0][name]
+    assert res["super_sizes"].max() >= 2 * res["super_sizes"].min()  # uneven, whatever level 1 found
+    assert res["owners"] == ownership(3, world, res["super_sizes"].tolist())
+    assert imbalance(res["owners"], res["super_sizes"], world) <= imbalance(ownership(3, world),
+                                                                           res["super_sizes"], world)
+
+
+def test_uneven_super_clusters_get_owners_by_rows_and_match_reference(two_ranks, four_rank_hier):
+    """Level-2 work follows the level-1 sizes (W < m: largest first; W > m: more ranks for more
+    rows), and the labels are still exactly the single-process reference's."""
+    two = [r["hier"] for r in two_ranks[1]]
+    check_against_reference(HIER_CASES_2, two, "w_lt_m_uneven")
+    _check_owners_follow_sizes(two, "w_lt_m_uneven", 2)
+    check_against_reference(HIER_CASES_4, four_rank_hier, "w_gt_m_uneven")
+    _check_owners_follow_sizes(four_rank_hier, "w_gt_m_uneven", 4)
+    big = int(np.argmax(four_rank_hier[0]["w_gt_m_uneven"]["super_sizes"]))
+    assert len(four_rank_hier[0]["w_gt_m_uneven"]["owners"][big]) == 2
 
 
 @pytest.mark.parametrize("name", ["flat", "rotnet", "k_eq_m"])

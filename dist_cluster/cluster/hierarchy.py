@@ -5,9 +5,10 @@ computed by the rank group that owns it; features travel by all_to_all, labels c
     res.super_local, res.sub_local   # [n_local] each, for THIS rank's rows, in their order
 
 LEVEL 1  kmeans(m) over every rank.
-ROUTE    each row goes to a rank of the group owning its super-cluster (distributed.ownership: for
-         W >= m contiguous groups, for W < m a rank owns several super-clusters), in rounds of
-         bounded size, into a buffer on `device` ordered by super-cluster (route.py).
+ROUTE    each row goes to a rank of the group owning its super-cluster (distributed.ownership on
+         the level-1 sizes: for W >= m contiguous groups sized by rows, for W < m a rank owns
+         several super-clusters, largest first to the least loaded), in rounds of bounded size,
+         into a buffer on `device` ordered by super-cluster (route.py).
 LEVEL 2  for each owned super-cluster s, kmeans(k/m) over the rows of s inside the owning group.
 RETURN   all_to_all back along the same splits: every rank gets (super, sub) for its own rows.
 
@@ -40,7 +41,7 @@ from .route import RoutePlan
 from .rows import num_rows
 from .kmeans import KMeansResult, kmeans
 
-_GROUP_CACHE: dict = {}
+_GROUP_CACHE = distributed.GroupCache(capacity=2)  # level-2 groups of the latest partitions
 ROUTE_CHUNK_BYTES = 256 << 20  # per rank and routing round, each way (route.py)
 
 
@@ -62,16 +63,16 @@ class HierResult:
     level2: dict[int, KMeansResult] = field(default_factory=dict)
 
 
-def owner_groups(m: int) -> tuple[list[list[int]], list]:
-    """(owners, process groups) for m super-clusters; groups are created once per world and m."""
+def owner_groups(m: int, super_sizes: Optional[torch.Tensor] = None) -> tuple[list[list[int]], list]:
+    """(owners, process groups) for m super-clusters. With the level-1 sizes the owners follow the
+    data (distributed.ownership): a group's level-2 work is rows x k/m, so ranks go where the rows
+    are. Groups are rebuilt only when the partition changes (distributed.GroupCache)."""
     world = comm.group_size()
-    owners = distributed.ownership(m, world)
+    loads = None if super_sizes is None else super_sizes.tolist()
+    owners = distributed.ownership(m, world, loads)
     if not comm.initialized():
         return owners, [None] * m
-    key = (id(dist.group.WORLD), m, world)  # a re-initialised world gets fresh groups
-    if key not in _GROUP_CACHE:
-        _GROUP_CACHE[key] = distributed.new_groups(owners)
-    return owners, _GROUP_CACHE[key]
+    return owners, _GROUP_CACHE.groups(owners)
 
 
 def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: torch.device,
@@ -88,7 +89,6 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
         raise ValueError(f"k={k} clusters but only n={n_total} images over all ranks")
     kpm, rank = k // m, comm.group_rank()
     seconds = {"level1": 0.0, "route": 0.0, "level2": 0.0, "return": 0.0}
-    owners, groups = owner_groups(m)
 
     def level_log(level, s=None):
         return None if log is None else (lambda **kw: log(level=level, super=s, **kw))
@@ -99,6 +99,7 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
         poll.finish()
     seconds["level1"] = timer.seconds
     super_local, super_sizes = level1.assign_local, level1.sizes
+    owners, groups = owner_groups(m, super_sizes if kpm > 1 and m > 1 else None)  # same sizes on every rank
     res = HierResult(super_local=super_local, sub_local=super_local.clone(), centroids_super=level1.centroids,
                      centroids_sub={}, sub_sizes=torch.zeros(k, dtype=torch.int64), super_sizes=super_sizes,
                      seconds=seconds, owners=owners, level1=level1)
