@@ -143,6 +143,7 @@ class RoutePlan:
             where = torch.cat([self.index[recv_start[j] + lo: recv_start[j] + lo + recv_splits[j]]
                                for j in range(self.world)])
             out.index_copy_(0, where.to(device), got)
+            del rows, got, where  # before the next round: one round's rows alive at a time (round_items)
         return out
 
     def return_labels(self, recv_labels: torch.Tensor) -> torch.Tensor:
