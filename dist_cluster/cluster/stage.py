@@ -50,12 +50,15 @@ class ClusterState:
 
 # numpy.lib.format.write_array copies an array into a .npz member in blocks of at most this
 NPZ_WRITE_BLOCK_BYTES = 16 << 20
+# sizes.png (rank 0): matplotlib's figure, its 720 x 280 RGBA canvas and the PNG encoding; measured
+# 2.0 MiB (k = 256) to 2.4 MiB (k = 320000) by VmHWM around _plot_sizes
+PLOT_BYTES = 5 << 19
 
 
 def save_buffer_bytes(n: int, key_chars: int, feature_dim: int, pca_dim: int) -> int:
     """Host bytes save_cluster_state adds at its peak: numpy's copy of (a block of) the largest
-    array written, the keys or (rank 0) the float64 PCA projection."""
-    return min(max(n * key_chars * 4, feature_dim * pca_dim * 8), NPZ_WRITE_BLOCK_BYTES)
+    array written, the keys or (rank 0) the float64 PCA projection; then rank 0's histogram."""
+    return max(min(max(n * key_chars * 4, feature_dim * pca_dim * 8), NPZ_WRITE_BLOCK_BYTES), PLOT_BYTES)
 
 
 def round_dir(run_dir, round_idx: int) -> Path:
