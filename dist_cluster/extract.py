@@ -80,7 +80,8 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
             if rows + len(out) > max_rows:
                 raise RuntimeError(f"loader yielded more than the {max_rows} samples the manifest promises")
             feats[rows:rows + len(out)] = out.float().cpu()
-            keys.append(np.asarray(batch_keys))
+            if len(batch_keys):  # an empty batch adds nothing (np.asarray([]) would be float64)
+                keys.append(np.asarray(batch_keys))
             rows += len(out)
             poll.step()
         poll.finish()
