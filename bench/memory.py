@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -317,6 +318,14 @@ def parse_args(argv=None):
     return args
 
 
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.glibc_default:  # inherited by the spawned ranks (glibc reads it at start)
@@ -330,6 +339,7 @@ def main(argv=None) -> dict:
                 print(f"W={world} dim={dim} rows={n}: {last['seconds']:.1f} s", flush=True)
     lin = linearity(rows)
     doc = {"rows": rows, "linearity": lin, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
+           "commit": _commit(), "load_average": os.getloadavg(),
            "device": args.device, "cpus": os.cpu_count(), "torch": torch.__version__, "dry_run": args.dry_run,
            "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
            "malloc_mmap_threshold": None if args.glibc_default else MMAP_THRESHOLD,
