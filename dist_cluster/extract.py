@@ -20,11 +20,28 @@ from .preemption import NO_POLL
 from .scratch import private_memmap
 
 
+def features_bytes(rows: int, dim: int) -> int:
+    return rows * dim * 4  # float32
+
+
+def features_in_ram(rows: int, dim: int, memmap_gb: float) -> bool:
+    """Whether feature_buffer keeps the features in RAM (else a local-disk memmap)."""
+    return features_bytes(rows, dim) <= memmap_gb * 2**30
+
+
+def keys_bytes(rows: int, key_chars: int) -> tuple[int, int]:
+    """(kept, transient) host bytes of the keys: the numpy unicode array returned (4 bytes a
+    character), and the per-batch arrays it is concatenated from. Each batch's str objects become an
+    array at once: a list of every key as str objects (~70 bytes each) would stay resident in
+    CPython's allocator after it is freed."""
+    return rows * key_chars * 4, rows * key_chars * 4
+
+
 def feature_buffer(rows: int, dim: int, memmap_gb: float, memmap_dir: str, tag: str):
     """(float32 [rows, dim] buffer, memmap path for logs or None): a torch tensor in RAM, or a torch
     view of a private local-disk memmap (scratch.private_memmap: already unlinked, freed with it)."""
-    nbytes = rows * dim * 4
-    if nbytes <= memmap_gb * 2**30:
+    nbytes = features_bytes(rows, dim)
+    if features_in_ram(rows, dim, memmap_gb):
         return torch.empty(rows, dim, dtype=torch.float32), None
     array = private_memmap(memmap_dir, f"feats.{tag}.rank{distributed.rank()}.f32", (rows, dim))
     path = getattr(array, "filename", None) or memmap_dir
@@ -51,7 +68,7 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
     was_training = trunk.training
     trunk.eval()
     feats, memmap_path = feature_buffer(max_rows, feature_dim, cfg_cluster.memmap_gb, cfg_cluster.memmap_dir, tag)
-    keys: list[str] = []
+    keys: list[np.ndarray] = []  # one array per batch (keys_bytes)
     rows, start = 0, time.perf_counter()
     try:
         for images, batch_keys, _ in progress(loader, desc="extract", total=len(loader)):
@@ -63,7 +80,8 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
             if rows + len(out) > max_rows:
                 raise RuntimeError(f"loader yielded more than the {max_rows} samples the manifest promises")
             feats[rows:rows + len(out)] = out.float().cpu()
-            keys.extend(batch_keys)
+            if len(batch_keys):  # an empty batch adds nothing (np.asarray([]) would be float64)
+                keys.append(np.asarray(batch_keys))
             rows += len(out)
             poll.step()
         poll.finish()
@@ -74,4 +92,4 @@ def extract_features(trunk: torch.nn.Module, loader, max_rows: int, feature_dim:
     seconds = time.perf_counter() - start
     stats = {"images": rows, "seconds": seconds, "img_per_s": rows / max(seconds, 1e-9),
              "memmap": str(memmap_path) if memmap_path else ""}
-    return feats[:rows], np.asarray(keys), stats
+    return feats[:rows], np.concatenate(keys) if keys else np.asarray([]), stats

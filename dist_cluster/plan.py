@@ -8,9 +8,8 @@ Pure arithmetic over the formulas below (`plan(PlanInputs) -> list[StageRow]`), 
 n = ceil(N / W) images per rank, D = feature dim, d = PCA dim, S = rotations x m heads:
   EXTRACT  features n x D float32, in RAM, or a local memmap above cluster.memmap_gb (GiB)
   PCA      all_reduce of D x D + D + 1 float64 moments; whitened n x d float32 on the GPU when
-           within memmap_gb, else written in place over the features (no second copy); eigh
-           workspace and D x d projection in float64
-  LEVEL1   per iteration: E-step n x m x d, all_reduce of m x d + m + 1 float64 over W ranks
+           within memmap_gb, else written in place over the features (no second copy)
+  LEVEL1   per iteration: E-step n x m x d, all_reduce of m x d + m + 2 float64 over W ranks
   ROUTE    all_to_all of the n x d whitened rows in rounds of route_chunk_mb each way, into one
            n x d receive buffer on the GPU ordered by super-cluster (cluster/route.py)
   LEVEL2   per iteration: E-step n x (k/m) x d, all_reduce of (k/m) x d + k/m + 1 float64
@@ -19,6 +18,9 @@ n = ceil(N / W) images per rank, D = feature dim, d = PCA dim, S = rotations x m
   TRAIN    per step: DDP ring all_reduce of trunk + super-head gradients (float32), features
            routed to the sub-head owners and gradients back (b x D float32 each way), sub-head
            gradient all_reduce inside each head's group; checkpoints
+Memory from EXTRACT to RETURN: plan_memory.stage_memory, the sum of the sizes the code allocates
+(functions of extract.py and cluster/*.py, checked by bench/memory.py) and of the training state
+that stays on the GPU meanwhile (resident_training_bytes); message sizes from the same modules.
 A ring all_reduce of B bytes over g ranks moves 2 (g - 1) / g x B per rank; times are bytes over
 the per-rank bandwidth plus work over the measured or assumed throughput (plan_costs.py), with
 DDP's all_reduce overlapped with backward and the routing collectives not. A collective inside
@@ -40,9 +42,11 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from .plan_costs import ArchCost, Rate, Rates, SAVED_COPIES, arch_cost, default_rates, measured_rates
+from .cluster.kmeans import message_elements
+from .cluster.pca import moments_elements, params_elements
+from .plan_memory import MemoryInputs, stage_memory  # the per-stage peaks (bench/memory.py too)
 
 GiB = 2 ** 30
-E_STEP_CHUNK_ELEMENTS = 2 ** 24  # cluster/kmeans.py DATA_CHUNK_ELEMENTS: rows per E-step tile = this / d
 
 
 @dataclass
@@ -69,6 +73,8 @@ class PlanInputs:
     workers: int = 10  # loader workers per rank
     bf16: bool = True  # activations in bf16 under autocast
     route_chunk_mb: int = 256  # cluster.route_chunk_mb: one routing round, each way
+    device: str = "cuda"  # where PCA, k-means and training run: cuda | cpu (--bench-device)
+    kmeans_backend: str = "faiss"  # the E-step kmeans.resolve_backend picks: faiss (GPU build) | torch
 
     def __post_init__(self):
         self.images, self.gpus = int(self.images), int(self.gpus)
@@ -140,60 +146,62 @@ class Shape:
                    cost=cost, act_bytes=2 if p.bf16 else 4)
 
 
-def _features(p: PlanInputs, s: Shape) -> tuple[float, float, str]:
-    """(RAM bytes, disk bytes, where) of the n x D float32 extracted features."""
-    nbytes = s.n * p.feature_dim * 4
-    return (nbytes, 0.0, "RAM") if nbytes <= p.memmap_gb * GiB else (0.0, nbytes, "local memmap")
+def resident_training_bytes(p: PlanInputs, s: Shape) -> float:
+    """GPU bytes the training state keeps through EXTRACT and CLUSTER of every round after the
+    first: rounds.py replaces the heads only after clustering, and the last step's gradients stay
+    (zero_grad comes before the next backward). Trunk + super head: weights, gradients, DDP's
+    buckets, momentum; this rank's sub heads: weights, gradients, momentum."""
+    replicated = s.cost.params + p.feature_dim * s.heads + s.heads
+    head = (p.feature_dim * s.sub + s.sub) if s.sub > 1 else 0
+    return replicated * 4 * 4 + s.heads_per_rank * head * 4 * 3
 
 
-def _whitened(p: PlanInputs, s: Shape) -> tuple[float, float]:
-    """(GPU bytes, extra disk bytes) of the n x d whitened features: on the GPU within memmap_gb,
-    else in place over the features (cluster/stage.py _whiten_in_place): nothing extra."""
-    nbytes = s.n * s.d * 4
-    return (nbytes, 0.0) if nbytes <= p.memmap_gb * GiB else (0.0, 0.0)
+def memory_inputs(p: PlanInputs, s: Shape) -> MemoryInputs:
+    return MemoryInputs(rows=s.n, world=p.gpus, feature_dim=p.feature_dim, pca_dim=s.d, k=p.k, m=p.m,
+                        device=p.device, backend=p.kmeans_backend, memmap_gb=p.memmap_gb,
+                        route_chunk_bytes=p.route_chunk_mb << 20, key_chars=p.key_chars,
+                        resident_device=resident_training_bytes(p, s) if p.device == "cuda" else 0.0,
+                        extract_device=p.batch * s.cost.max_act * s.act_bytes * 2)
+
+
+def _row(name: str, mem: dict, notes: list, **values) -> StageRow:
+    """A stage's row, its memory from plan_memory.stage_memory."""
+    m = mem[name]
+    return StageRow(name, gpu_bytes=m.device, ram_bytes=m.host, disk_bytes=m.disk,
+                    notes=notes + [m.note()], **values)
 
 
 def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
     W, D, d = p.gpus, p.feature_dim, s.d
     bw = group_bandwidth(p, r, W)  # world collectives
     bw2 = group_bandwidth(p, r, s.level2_group, p.m)
-    f_ram, f_disk, f_where = _features(p, s)
-    w_gpu, w_disk = _whitened(p, s)
+    mem = stage_memory(memory_inputs(p, s))
     routed = s.n * d * 4
-    extract = StageRow("extract", gpu_bytes=s.cost.params * 4 + p.batch * s.cost.max_act * s.act_bytes * 2,
-                       ram_bytes=f_ram, disk_bytes=f_disk, read_bytes_round=s.n * p.bytes_per_image,
-                       seconds_round=s.n / min(r.extract_img_s.value, r.loader_img_s.value),
-                       notes=[f"features {s.n} x {D} float32 in {f_where}"])
-    moments = (D * D + D + 1) * 8
-    pca_net = ring(moments, W) + (D * d + D + 2 * d + 1) * 8  # all_reduce, then the broadcast received
+    where = "RAM" if mem["extract"].disk == 0 else "local memmap"
+    extract = _row("extract", mem, [f"features {s.n} x {D} float32 in {where}"],
+                   read_bytes_round=s.n * p.bytes_per_image,
+                   seconds_round=s.n / min(r.extract_img_s.value, r.loader_img_s.value))
+    moments = moments_elements(D) * 8
+    pca_net = ring(moments, W) + params_elements(D, d) * 8  # all_reduce, then the broadcast received
     pca_flop = 2 * s.n * D * D + 2 * s.n * D * d + 10 * D ** 3
-    pca = StageRow("pca", gpu_bytes=moments + D * D * 8 + D * d * 8 + w_gpu, ram_bytes=f_ram,
-                   disk_bytes=f_disk + w_disk, net_bytes_round=pca_net,
-                   seconds_round=pca_flop / r.pca_flops.value + pca_net / bw,
-                   notes=[f"all_reduce {moments / 1e6:.1f} MB of float64 moments",
-                          f"whitened {s.n} x {d} {'on the GPU' if w_gpu else 'in place over the features'}"])
-    chunk = min(E_STEP_CHUNK_ELEMENTS // d, s.n)  # rows of one E-step distance tile
-    l1_net = p.niter * ring((p.m * d + p.m + 1) * 8, W)
-    level1 = StageRow("level1", gpu_bytes=w_gpu + p.m * d * 4 + (p.m * d + p.m + 1) * 8 + chunk * p.m * 4,
-                      ram_bytes=f_ram, disk_bytes=f_disk + w_disk, net_bytes_round=l1_net,
-                      seconds_round=p.niter * s.n * p.m * d * r.kmeans_s_pcd.value + l1_net / bw,
-                      notes=[f"{p.niter} iterations, m={p.m} over {W} ranks"])
-    rounds_buf = 2 * min(p.route_chunk_mb * 2**20, routed)  # one round's send + receive buffers
-    route = StageRow("route", gpu_bytes=w_gpu + routed + rounds_buf, ram_bytes=f_ram + rounds_buf,
-                     disk_bytes=f_disk + w_disk, net_bytes_round=routed, seconds_round=routed / bw,
-                     notes=[f"all_to_all {routed / 1e9:.2f} GB per rank, in rounds of {p.route_chunk_mb} MiB"])
-    sums = (s.sub * d + s.sub + 1) * 8
+    whitened = mem["pca"].items.get("whitened", ("in place over the features",))[0]
+    pca = _row("pca", mem, [f"all_reduce {moments / 1e6:.1f} MB of float64 moments",
+                            f"whitened {s.n} x {d}: {whitened}"],
+               net_bytes_round=pca_net, seconds_round=pca_flop / r.pca_flops.value + pca_net / bw)
+    l1_net = p.niter * ring(message_elements(p.m, d, True, 1) * 8, W)  # + the preemption vote
+    level1 = _row("level1", mem, [f"{p.niter} iterations, m={p.m} over {W} ranks"], net_bytes_round=l1_net,
+                  seconds_round=p.niter * s.n * p.m * d * r.kmeans_s_pcd.value + l1_net / bw)
+    route = _row("route", mem, [f"all_to_all {routed / 1e9:.2f} GB per rank, in rounds of {p.route_chunk_mb} MiB"],
+                 net_bytes_round=routed, seconds_round=routed / bw)
+    sums = message_elements(s.sub, d, True) * 8
     l2_net = p.niter * ring(sums, s.level2_group) * s.supers_per_rank
-    level2 = StageRow("level2", gpu_bytes=w_gpu + routed + s.supers_per_rank * s.sub * d * 4 + sums + chunk * s.sub * 4,
-                      ram_bytes=f_ram, disk_bytes=f_disk + w_disk, net_bytes_round=l2_net,
-                      seconds_round=p.niter * s.n * s.sub * d * r.kmeans_s_pcd.value + l2_net / bw2,
-                      notes=[f"k/m={s.sub} per super-cluster, groups of {s.level2_group} rank(s) "
-                          f"({'NVLink' if bw2 == r.intra_bytes_s.value else 'network'}), "
-                          f"{s.supers_per_rank} super-cluster(s) per rank"])
+    level2 = _row("level2", mem, [f"k/m={s.sub} per super-cluster, groups of {s.level2_group} rank(s) "
+                                  f"({'NVLink' if bw2 == r.intra_bytes_s.value else 'network'}), "
+                                  f"{s.supers_per_rank} super-cluster(s) per rank"],
+                  net_bytes_round=l2_net, seconds_round=p.niter * s.n * s.sub * d * r.kmeans_s_pcd.value + l2_net / bw2)
     cluster_files = p.images * (16 + 4 * p.key_chars) + (p.k + p.m) * d * 4 + (D * d + D) * 8
-    ret = StageRow("return", gpu_bytes=routed, ram_bytes=f_ram + s.n * 8 * 3, disk_bytes=f_disk, net_bytes_round=s.n * 8,
-                   storage_bytes=cluster_files * s.rounds, seconds_round=s.n * 8 / bw,
-                   notes=[f"RUN/clusters: {cluster_files / 1e9:.2f} GB per round (keys, labels, centroids)"])
+    ret = _row("return", mem, [f"RUN/clusters: {cluster_files / 1e9:.2f} GB per round (keys, labels, centroids)"],
+               net_bytes_round=s.n * 8, storage_bytes=cluster_files * s.rounds, seconds_round=s.n * 8 / bw)
     rows = [extract, pca, level1, route, level2, ret]
     if p.k == 1:  # RotNet: no extraction, no clustering
         rows = [StageRow(row.stage, notes=["skipped: k = 1"]) for row in rows]
@@ -245,10 +253,15 @@ def summary(inputs: PlanInputs, rows: list[StageRow]) -> dict:
     train = rows[-1]
     epoch_s = train.seconds_round / inputs.reassign
     step_s = train.seconds_round / max(s.steps * inputs.reassign, 1)
+    round_s = max(cluster_s + train.seconds_round, 1e-12)
     return {"rounds": s.rounds, "steps_per_epoch": s.steps, "images_per_rank": s.n,
             "seconds_total": s.rounds * cluster_s + inputs.epochs * epoch_s,
             "seconds_cluster_per_round": cluster_s, "seconds_per_epoch": epoch_s,
+            # share of a round's wall time: PCA..RETURN, and with EXTRACT
+            "cluster_share": (cluster_s - rows[0].seconds_round) / round_s, "extract_cluster_share": cluster_s / round_s,
             "peak_gpu_bytes_per_rank": max(r.gpu_bytes for r in rows),
+            "peak_gpu_stage": max(rows, key=lambda r: r.gpu_bytes).stage,
+            "peak_ram_bytes_per_rank": max(r.ram_bytes for r in rows),
             "peak_ram_bytes_per_node": max(r.ram_bytes for r in rows) * per_node,
             "peak_disk_bytes_per_node": max(r.disk_bytes for r in rows) * per_node,
             "shards_bytes": inputs.images * inputs.bytes_per_image,
@@ -318,8 +331,10 @@ def format_table(inputs: PlanInputs, rows: list[StageRow], rates: Rates, bench_n
               f"{inputs.image_size}px, k={inputs.k}, m={inputs.m}, {inputs.rotations} rotations, "
               f"{total['rounds']} rounds x {inputs.reassign} epochs",
               f"total {_fmt_seconds(total['seconds_total'])}: {_fmt_seconds(total['seconds_per_epoch'])} per epoch,"
-              f" {_fmt_seconds(total['seconds_cluster_per_round'])} extract+cluster per round",
-              f"per node: RAM {total['peak_ram_bytes_per_node'] / GiB:,.1f} GiB, local disk "
+              f" {_fmt_seconds(total['seconds_cluster_per_round'])} extract+cluster per round "
+              f"({total['extract_cluster_share']:.1%} of a round; PCA to RETURN {total['cluster_share']:.1%})",
+              f"per rank: GPU {total['peak_gpu_bytes_per_rank'] / GiB:,.2f} GiB ({total['peak_gpu_stage']}), RAM "
+              f"{total['peak_ram_bytes_per_rank'] / GiB:,.2f} GiB; per node: RAM {total['peak_ram_bytes_per_node'] / GiB:,.1f} GiB, local disk "
               f"{total['peak_disk_bytes_per_node'] / GiB:,.1f} GiB; shards {total['shards_bytes'] / 1e12:,.2f} TB, "
               f"shared storage {total['storage_bytes_total'] / 1e12:,.2f} TB, training reads "
               f"{total['read_bytes_s_train'] / 1e9:,.2f} GB/s", "", "notes:"]
@@ -345,8 +360,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fp32", action="store_true", help="activations in float32 (no bf16 autocast)")
     parser.add_argument("--bench", default="bench/results", help="measured throughputs (loader/kmeans/train.json)")
     parser.add_argument("--bench-device", default="cuda", choices=("cuda", "cpu"),
-                        help="the device the planned run uses: k-means and train measurements made on "
-                             "another device are not used")
+                        help="the device the planned run uses (its memory: GPU or host): k-means and train "
+                             "measurements made on another device are not used")
+    parser.add_argument("--kmeans-backend", default="faiss", choices=("faiss", "torch"))
     parser.add_argument("--train-img-s", type=float, help="override: training rows/s per GPU")
     parser.add_argument("--loader-img-s", type=float, help="override: loader img/s per rank")
     parser.add_argument("--net-gb-s", type=float, help="override: GB/s per rank between nodes")
@@ -359,7 +375,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     names = {f.name for f in PlanInputs.__dataclass_fields__.values()}
     values = {k: v for k, v in vars(args).items() if k in names - {"sobel", "all_rotations", "bf16"}}
-    inputs = PlanInputs(**values, sobel=not args.no_sobel, all_rotations=args.all_rotations, bf16=not args.fp32)
+    inputs = PlanInputs(**values, sobel=not args.no_sobel, all_rotations=args.all_rotations, bf16=not args.fp32,
+                        device=args.bench_device)
     cost = arch_cost(inputs.arch, inputs.image_size, inputs.sobel, inputs.feature_dim)
     rates = default_rates(cost, math.ceil(inputs.gpus / inputs.nodes), inputs.workers)
     rates, bench_notes = measured_rates(rates, args.bench, inputs.workers, inputs.image_size, args.bench_device)

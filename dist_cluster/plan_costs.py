@@ -25,8 +25,15 @@ SAVED_COPIES = 2.0  # tensors backward keeps per conv output (conv out for BN, B
 # defaults when bench/results has nothing; each is printed with its source
 EFFECTIVE_TFLOPS = 40.0  # assumption: sustained bf16 conv throughput of one A100/H100-class GPU
 DECODE_IMG_S_PER_WORKER = 150.0  # assumption: PIL decode + crop of a ~500 px JPEG, ~6-7 ms per core
-# faiss wiki "Low level benchmarks": 1M x 256-d -> 20k centroids, 25 iterations, 55 s on one P100
-KMEANS_S_PER_PCD = 55.0 / (1e6 * 2e4 * 256 * 25)
+# k-means E-step on one A100 (the planned GPU), from a measured figure scaled by a published peak:
+# faiss wiki "Low level benchmarks" (github.com/facebookresearch/faiss/wiki/Low-level-benchmarks):
+# 1M x 256-d -> 20k centroids, 25 iterations (128 T multiply-adds) in 55 s on one P100, float32:
+# 2.33 T multiply-adds/s, 44 % of the P100 SXM2's 10.6 TFLOP/s FP32 peak. The same efficiency at
+# the A100's 19.5 TFLOP/s FP32 peak (NVIDIA A100 datasheet: www.nvidia.com/content/dam/en-zz/
+# Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf) gives 30 s for
+# that job. FP32 on purpose: TF32 (156 TFLOP/s) is not assumed for faiss's flat index.
+P100_FP32_TFLOPS, A100_FP32_TFLOPS = 10.6, 19.5
+KMEANS_S_PER_PCD = 55.0 * P100_FP32_TFLOPS / A100_FP32_TFLOPS / (1e6 * 2e4 * 256 * 25)
 PCA_FP64_FLOPS = 5e12  # assumption: 2/3 of a V100's 7.8 TFLOP/s fp64 peak (the moments are float64)
 NODE_NET_GBIT = 400.0  # assumption: 4 x 100 Gb/s InfiniBand per 8-GPU node (DGX-1 class)
 INTRA_NODE_BYTES_S = 100e9  # assumption: NVLink, one node
@@ -115,7 +122,8 @@ def default_rates(cost: ArchCost, gpus_per_node: int, workers: int) -> Rates:
         extract_img_s=Rate(flops / (2 * cost.macs), f"forward, {basis}"),
         loader_img_s=Rate(DECODE_IMG_S_PER_WORKER * max(workers, 1),
                           f"assumption: {DECODE_IMG_S_PER_WORKER:g} img/s per worker x {max(workers, 1)}"),
-        kmeans_s_pcd=Rate(KMEANS_S_PER_PCD, "faiss wiki: 1M x 256 -> 20k, 25 iter, 55 s on one P100"),
+        kmeans_s_pcd=Rate(KMEANS_S_PER_PCD, "faiss wiki: 1M x 256 -> 20k, 25 iter, 55 s on one P100, "
+                          f"x {P100_FP32_TFLOPS:g}/{A100_FP32_TFLOPS:g} (P100/A100 FP32 peak)"),
         pca_flops=Rate(PCA_FP64_FLOPS, "assumption: 2/3 of V100 fp64 peak"),
         net_bytes_s=net, intra_bytes_s=Rate(INTRA_NODE_BYTES_S, "assumption: NVLink"))
 

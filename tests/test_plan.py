@@ -5,6 +5,7 @@ modules, and the command line.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -15,7 +16,10 @@ import torch.nn as nn
 from dist_cluster.config import load_config
 from dist_cluster.distributed import ownership
 from dist_cluster.models import ResNet50, SmallVGG, VGG16BN
-from dist_cluster.plan import PlanInputs, Shape, main, plan, predicted_smoke, ring
+from dist_cluster.plan import (PlanInputs, Shape, main, memory_inputs, plan, predicted_smoke, resident_training_bytes,
+                               ring)
+from dist_cluster.plan_memory import MemoryInputs, stage_memory
+from dist_cluster.preemption import NO_POLL
 from dist_cluster.plan_costs import Rate, Rates, arch_cost, measured_rates, default_rates
 
 SMALL_P = 983_360  # SmallVGG(feature_dim=16, sobel=False): checked against torch below
@@ -36,35 +40,38 @@ def round_rates(**changes) -> Rates:
     return Rates(**{k: Rate(v, "test") for k, v in values.items()})
 
 
+def _shape(p: PlanInputs) -> Shape:
+    return Shape.of(p, arch_cost(p.arch, p.image_size, p.sobel, p.feature_dim))
+
+
 def test_small_plan_by_hand():
     """1000 images on 4 ranks: n = 250, D = 16, d = 8, k/m = 4, S = 8 heads (2 per rank)."""
     rows = {r.stage: r for r in plan(small_inputs(), round_rates())}
     assert arch_cost("smallvgg", 28, sobel=False, feature_dim=16).params == SMALL_P
 
-    ex = rows["extract"]
-    assert (ex.ram_bytes, ex.disk_bytes, ex.read_bytes_round) == (250 * 16 * 4, 0, 250 * 100)
+    ex = rows["extract"]  # features, keys (5 characters) and the per-batch key arrays
+    assert (ex.ram_bytes, ex.disk_bytes, ex.read_bytes_round) == (250 * 16 * 4 + 2 * 250 * 5 * 4, 0, 250 * 100)
     assert ex.seconds_round == pytest.approx(250 / 25)  # loader-bound: min(50, 25) img/s
 
     pca = rows["pca"]
     moments = (16 * 16 + 16 + 1) * 8  # 2184 bytes of float64
     assert pca.net_bytes_round == pytest.approx(1.5 * moments + (16 * 8 + 16 + 2 * 8 + 1) * 8)  # 3276 + 1288
-    assert pca.gpu_bytes == moments + 256 * 8 + 128 * 8 + 250 * 8 * 4  # + eigh, projection, whitened
     assert pca.seconds_round == pytest.approx((2 * 250 * 256 + 2 * 250 * 128 + 10 * 16 ** 3) / 1e6 + 4564 / 1e9)
 
     l1 = rows["level1"]
-    assert l1.net_bytes_round == pytest.approx(3 * 1.5 * (2 * 8 + 2 + 1) * 8)  # 3 iterations x 228
-    assert l1.gpu_bytes == 8000 + 2 * 8 * 4 + 152 + 250 * 2 * 4  # whitened, centroids, sums, E-step tile
-    assert l1.seconds_round == pytest.approx(3 * 250 * 2 * 8 * 1e-6 + 684 / 1e9)
+    # 3 iterations x 1.5 x [sums | counts | objective | preemption vote] of float64
+    assert l1.net_bytes_round == pytest.approx(3 * 1.5 * (2 * 8 + 2 + 1 + 1) * 8)
+    assert l1.seconds_round == pytest.approx(3 * 250 * 2 * 8 * 1e-6 + 720 / 1e9)
 
     route = rows["route"]
-    # routed rows: one receive buffer on the GPU; in flight one round (here all of it) each way
-    assert (route.net_bytes_round, route.ram_bytes) == (250 * 8 * 4, 16000 + 2 * 8000)
-    assert route.gpu_bytes == 8000 + 8000 + 2 * 8000
+    assert route.net_bytes_round == 250 * 8 * 4
+    # memory (plan_memory.stage_memory, by hand in test_stage_memory_by_hand): on the GPU the training
+    # state, the whitened rows, the receive buffer and one round (here all of it) each way
+    resident = resident_training_bytes(small_inputs(), _shape(small_inputs()))
+    assert route.gpu_bytes == resident + 8000 + 8000 + 2 * 8000
 
     l2 = rows["level2"]  # groups of 2 ranks (4 ranks / m = 2), all_reduce (4*8 + 4 + 1) float64
     assert l2.net_bytes_round == pytest.approx(3 * 1.0 * 37 * 8)
-    assert l2.gpu_bytes == 8000 + 8000 + 4 * 8 * 4 + 37 * 8 + 250 * 4 * 4  # + the routed rows
-    assert l2.ram_bytes == 16000  # the features only: no host copy of the routed rows
     assert l2.seconds_round == pytest.approx(3 * 250 * 4 * 8 * 1e-6 + 888 / 1e9)
 
     ret = rows["return"]
@@ -86,9 +93,10 @@ def test_small_plan_by_hand():
 def test_memmap_switch_and_network_bound_step():
     """Features above memmap_gb go to local disk; a slow network makes DDP the bound of a step."""
     rows = {r.stage: r for r in plan(small_inputs(memmap_gb=1e-6), round_rates(intra_bytes_s=1e6))}
-    assert (rows["extract"].ram_bytes, rows["extract"].disk_bytes) == (0, 16000)
-    # whitened in place over the features (cluster/stage.py): no second file
-    assert (rows["pca"].gpu_bytes, rows["pca"].disk_bytes) == (2184 + 2048 + 1024, 16000)
+    assert (rows["extract"].ram_bytes, rows["extract"].disk_bytes) == (2 * 250 * 5 * 4, 16000)  # the keys in RAM
+    # whitened in place over the features (cluster/stage.py whitened_place): no second file
+    assert rows["pca"].disk_bytes == 16000 and "whitened" not in stage_memory(
+        memory_inputs(small_inputs(memmap_gb=1e-6), _shape(small_inputs())))["pca"].items
     replicated = SMALL_P + 136
     assert rows["train"].seconds_round == pytest.approx(25 * (1.5 * replicated * 4 / 1e6 + 1440 / 1e6))
 
@@ -227,3 +235,123 @@ def test_bad_inputs_are_clear_errors():
         small_inputs(images=30)
     with pytest.raises(ValueError, match="4096-d"):
         plan(PlanInputs(images=1000, gpus=2, arch="vgg16_bn", feature_dim=512, batch=4))
+
+
+# ----------------------------------------------------------------------------- memory: the code's own sizes
+
+
+def test_stage_memory_by_hand():
+    """1000 rows of D = 16 on a CPU rank of 2, d = 8, k = 8, m = 4, torch E-step, 5-character keys:
+    every figure below is the sum of what the code allocates (plan_memory's docstring)."""
+    st = stage_memory(MemoryInputs(rows=1000, world=2, feature_dim=16, pca_dim=8, k=8, m=4, device="cpu",
+                                   backend="torch", memmap_gb=1.0, key_chars=5))
+    kept = 64000 + 20000  # features, keys; whitened in place (CPU run, overwrite_features)
+    assert st["extract"].host == kept + 20000  # + the per-batch key arrays
+    moments, chunk64 = 273 * 8, 1000 * 16 * 8  # fit_pca's first phase beats eigh (4 x 256 x 8 + params)
+    assert st["pca"].host == kept + moments + chunk64
+    kept += 161 * 8  # the fitted PCA (projection, mean, eigenvalues, floored, kept)
+    lloyd1 = 2 * 128 + 8000 + 38 * 8 + 128 + 16000 + 12000 + 16 + 1000 * 15 * 4  # torch block: 1000 x (4 + 8 + 3)
+    assert st["level1"].host == kept + lloyd1
+    kept += 256 + 8000 + 8000  # level 1's result (centroids x 2, labels) and sub_local's clone
+    assert st["route"].host == kept + 32000 + 16000 + 32000  # receive buffer, order + index, one round
+    done = 2 * 2 * 8 * 4 + 500 * 8  # two owned super-clusters of 500 rows, 2 sub-clusters each: one done
+    lloyd2 = 2 * 64 + 4000 + 20 * 8 + 64 + 8000 + 6000 + 8 + 500 * 13 * 4
+    assert st["level2"].host == kept + 32000 + 16000 + 8000 + done + lloyd2
+    # rank 0's sizes.png (stage.PLOT_BYTES) beats the labels going back (8 x 4000: gathered, sent, placed)
+    assert st["return"].host == kept + 2 * done + 16000 + max(8 * 4000, 5 << 19)
+    assert all(s.device == 0 and s.disk == 0 for s in st.values())
+
+
+def test_plan_rows_take_their_memory_from_stage_memory():
+    p = small_inputs()
+    mem = stage_memory(memory_inputs(p, _shape(p)))
+    for row in plan(p, round_rates())[:-1]:
+        m = mem[row.stage]
+        assert (row.gpu_bytes, row.ram_bytes, row.disk_bytes) == (m.device, m.host, m.disk)
+
+
+def test_paper_run_fits_32_gb_ram_and_40_gb_gpus(tmp_path):
+    """Issue 12: host RAM <= 32 GB and GPU memory <= 40 GB per rank for the paper's run."""
+    result = main(["--images", "96e6", "--gpus", "64", "--bench", str(tmp_path / "none")])
+    assert result["summary"]["peak_ram_bytes_per_rank"] <= 32e9
+    assert result["summary"]["peak_gpu_bytes_per_rank"] <= 40e9
+
+
+def _routed_buffers(rank, world, d, chunks):
+    """RoutePlan on balanced labels, per round size: what it allocated and sent, what the
+    planner's functions say."""
+    from dist_cluster import comm, distributed
+    from dist_cluster.cluster import route
+    n, m, out = 400, 4, []
+    super_local = torch.arange(n) % m
+    for chunk_bytes in chunks:
+        plan_ = route.RoutePlan(super_local, distributed.ownership(m, world), m)
+        sent, real = [], comm.all_to_all_rows_known
+
+        def recording(rows_, send_counts, recv_counts, group=None, out_device=None):
+            sent.append((rows_.nbytes, sum(recv_counts) * d * 4))
+            return real(rows_, send_counts, recv_counts, group, out_device)
+        comm.all_to_all_rows_known = recording
+        try:
+            buf = plan_.send_rows(torch.randn(n, d), torch.device("cpu"), chunk_bytes)
+        finally:
+            comm.all_to_all_rows_known = real
+        n_recv = int(plan_.recv_total.sum())
+        out.append(dict(nbytes=buf.nbytes, n_recv=n_recv, planned=route.buffer_bytes(n_recv, d), rounds=sent,
+                        round_bound=route.round_bytes(n, n_recv, d, chunk_bytes, world)))
+    return out
+
+
+def test_route_buffer_is_what_routeplan_allocates():
+    """The planner's receive buffer and routing rounds are route.py's own, on 2 gloo ranks, with one
+    round (1 MiB) and with rounds of 100 rows."""
+    from dist_cluster.cluster import route
+    from tests.dist_utils import run_ranks
+    d, chunks = 16, (1 << 20, 100 * 16 * 4)
+    for per_rank in run_ranks(_routed_buffers, 2, (d, chunks)):
+        for r in per_rank:
+            assert r["nbytes"] == r["planned"] and r["n_recv"] == 400  # balanced labels: n rows each
+            send_max, recv_max = r["round_bound"]
+            assert all(out <= send_max and back <= recv_max for out, back in r["rounds"])
+            assert max(out for out, _ in r["rounds"]) == send_max  # the bound is reached, not loose
+        assert len(per_rank[1]["rounds"]) == 4  # 400 rows, 100 a round
+    for chunk_bytes in chunks:
+        mem = stage_memory(MemoryInputs(rows=400, world=2, feature_dim=d, pca_dim=d, k=8, m=4, device="cuda",
+                                        route_chunk_bytes=chunk_bytes))
+        assert mem["route"].items["receive buffer"] == ("device", route.buffer_bytes(400, d))
+
+
+def test_messages_have_the_planned_sizes():
+    """The M-step and PCA messages, and the fitted PCA, are the sizes the planner adds up."""
+    km = importlib.import_module("dist_cluster.cluster.kmeans")  # the package exports a function of that name
+    pca = importlib.import_module("dist_cluster.cluster.pca")
+    x = torch.randn(300, 12)
+    assigner = km.TorchAssigner(torch.device("cpu"))
+    assigner.set_centroids(x[:5])
+    labels, message = km._pass(x, assigner, 5, torch.device("cpu"), 64, with_sums=True, extra=1)
+    assert message.numel() == km.message_elements(5, 12, True, 1) and labels.nbytes == 300 * 8
+    assert pca._moments(x, None, torch.device("cpu"), NO_POLL).numel() == pca.moments_elements(12)
+    fitted = pca.fit_pca(x, 6, 1e-5, torch.device("cpu"))
+    assert fitted.projection.untyped_storage().nbytes() == pca.params_elements(12, 6) * 8  # views of one buffer
+
+
+def test_bench_memory_dry_run_schema(tmp_path):
+    """bench/memory.py --dry-run: the planned figures in the JSON the real run writes."""
+    from bench import memory
+    doc = memory.main(["--dry-run", "--out", str(tmp_path / "memory.json")])
+    saved = json.loads((tmp_path / "memory.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(doc["rows"]))
+    keys = {"stage", "rows_per_rank", "world", "dim", "measured_peak_bytes", "planned_peak_bytes"}
+    assert len(saved["rows"]) == 2 * 2 * 3 * len(memory.STAGES) and all(keys <= set(r) for r in saved["rows"])
+    assert all(r["planned_peak_bytes"] > 0 and r["measured_peak_bytes"] is None for r in saved["rows"])
+    assert {"date", "host", "device", "measures"} <= set(saved)
+
+
+def test_bench_memory_tiny_run(tmp_path):
+    """bench/memory.py on 2 gloo ranks at a tiny size: every stage is marked and measured (the
+    stage marks wrap run_clustering's entry points: a renamed one shows up here)."""
+    from bench import memory
+    doc = memory.main(["--worlds", "2", "--dims", "16", "--rows", "3000", "--k", "8", "--warmup-rows", "512",
+                       "--out", str(tmp_path / "memory.json")])
+    assert [r["stage"] for r in doc["rows"]] == list(memory.STAGES)
+    assert all(r["measured_peak_bytes"] > 0 and r["recv_rows_max"] > 0 for r in doc["rows"])

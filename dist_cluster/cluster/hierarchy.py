@@ -158,6 +158,7 @@ def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, device, back
             raise RuntimeError(f"rank {rank}: {(recv_sub < 0).sum()} routed rows belong to a super-cluster "
                                "this rank does not own (routing and ownership disagree)")
     seconds["level2"] = timer.seconds
+    del recv_x  # the routed rows: freed before RETURN, whose peak is then labels only
 
     with Timer() as timer:
         res.sub_local = plan.return_labels(recv_sub)

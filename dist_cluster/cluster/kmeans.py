@@ -35,6 +35,10 @@ DATA_CHUNK_ELEMENTS = 2**24  # rows per data chunk = this / d (one chunk of a me
 # faiss's GPU scratch space (StandardGpuResources reserves 18% of the card by default, outside
 # torch's caching allocator): bounded, and torch's cached blocks are freed before it is reserved
 FAISS_GPU_TEMP_BYTES = 1 << 30
+# faiss's CPU search multiplies blocks of this many queries x centroids (faiss/utils/distances.cpp:
+# distance_compute_blas_query_bs and distance_compute_blas_database_bs, their defaults)
+FAISS_BLAS_QUERIES, FAISS_BLAS_CENTROIDS = 4096, 1024
+TORCH_BLOCK_ELEMENTS = {"cuda": 2**27, "cpu": 2**22}  # TorchAssigner: [rows, k] distance block
 
 
 @dataclass
@@ -85,7 +89,7 @@ class TorchAssigner:
 
     def __init__(self, device: torch.device, block_elements: Optional[int] = None):
         self.device = device
-        self.block_elements = block_elements or (2**27 if device.type == "cuda" else 2**22)
+        self.block_elements = block_elements or TORCH_BLOCK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
 
     def set_centroids(self, centroids: torch.Tensor) -> None:
         self.centroids = centroids.to(self.device, torch.float32)
@@ -229,15 +233,62 @@ def split_empty_clusters(centroids: torch.Tensor, counts: np.ndarray, rng: np.ra
     return len(empty)
 
 
-def _pass(x_local, assigner, k: int, device: torch.device, chunk_rows: int, with_sums: bool):
-    """One E-step over the local rows: labels, float64 [sums (k*d) | counts (k) | objective (1)]."""
+def chunk_rows_for(d: int) -> int:
+    """Rows of one E-step data chunk: DATA_CHUNK_ELEMENTS / d (the planner sizes its tiles with it)."""
+    return max(1, DATA_CHUNK_ELEMENTS // max(1, d))
+
+
+def message_elements(k: int, d: int, with_sums: bool, extra: int = 0) -> int:
+    """float64 elements of one M-step message: [sums (k*d) | counts (k) | objective (1) | extra]."""
+    return (k * d if with_sums else 0) + k + 1 + extra
+
+
+def assigner_memory(backend: str, device_type: str, k: int, d: int, rows: int) -> dict:
+    """What the E-step assigner holds while it searches a chunk of `rows` rows: {what: (place, bytes)}
+    (place "device": the run's device, host memory on CPU runs)."""
+    out = {"distances, labels": ("device", rows * (4 + 8))}
+    if backend == "torch":
+        block = min(rows, max(1, TORCH_BLOCK_ELEMENTS[device_type] // k))
+        return {**out, "norms": ("device", k * 4), "distance block": ("device", block * (k + d + 3) * 4)}
+    if device_type == "cuda":  # a faiss GPU flat index: its copy of the centroids and its scratch
+        return {**out, "faiss index": ("device", k * d * 4), "faiss scratch": ("device", FAISS_GPU_TEMP_BYTES)}
+    block = min(rows, FAISS_BLAS_QUERIES) * min(k, FAISS_BLAS_CENTROIDS) * 4
+    return {**out, "faiss index": ("host", k * d * 4), "faiss block": ("host", block + (rows + k) * 4)}
+
+
+def lloyd_memory(n: int, k: int, d: int, device_type: str, backend: str, rows_on_device: bool) -> dict:
+    """One Lloyd iteration of kmeans() over n local rows, at its peak, beyond the rows themselves:
+    centroids, labels, the float64 message and the float32 chunk sums, one chunk's E-step (and its
+    copy when the rows are not on the device), the host copy of the initial centroids."""
+    rows = min(chunk_rows_for(d), n)
+    items = {"centroids": ("device", k * d * 4), "initial centroids": ("host", k * d * 4),
+             "labels": ("device", n * 8), "message": ("device", message_elements(k, d, True, 1) * 8),
+             "chunk sums": ("device", k * d * 4),
+             "chunk ones, float64 distances": ("device", rows * 16),  # counts' index_add_, objective's sum
+             **assigner_memory(backend, device_type, k, d, rows)}
+    if not rows_on_device:
+        items["chunk copy"] = ("device", rows * d * 4)
+        if device_type == "cuda":
+            items["pinned chunk"] = ("host", rows * d * 4)
+    return items
+
+
+def result_bytes(n: int, k: int, d: int) -> int:
+    """Host bytes a KMeansResult keeps: final and initial centroids, the local labels."""
+    return 2 * k * d * 4 + n * 8
+
+
+def _pass(x_local, assigner, k: int, device: torch.device, chunk_rows: int, with_sums: bool, extra: int = 0):
+    """One E-step over the local rows: labels, and the float64 message [sums | counts | objective |
+    `extra` zeros] accumulated in place in one buffer (no concatenated copy of the k x d sums)."""
     d = int(x_local.shape[1])
     n_local = num_rows(x_local)
     labels = torch.empty(n_local, dtype=torch.int64, device=device)
-    sums = torch.zeros(k, d, dtype=torch.float64, device=device) if with_sums else None
+    message = torch.zeros(message_elements(k, d, with_sums, extra), dtype=torch.float64, device=device)
+    sums = message[: k * d].view(k, d) if with_sums else None
     partial = torch.zeros(k, d, dtype=torch.float32, device=device) if with_sums else None
-    counts = torch.zeros(k, dtype=torch.float64, device=device)
-    objective = torch.zeros(1, dtype=torch.float64, device=device)
+    base = k * d if with_sums else 0
+    counts, objective = message[base: base + k], message[base + k: base + k + 1]
     for start, chunk in row_chunks(x_local, chunk_rows, device):
         dists, idx = assigner.assign(chunk)
         idx = idx.to(device)
@@ -248,8 +299,19 @@ def _pass(x_local, assigner, k: int, device: torch.device, chunk_rows: int, with
             # float32 sums per chunk (bounded rows), float64 across chunks and ranks
             partial.zero_().index_add_(0, idx, chunk)
             sums += partial
-    parts = ([sums.flatten()] if with_sums else []) + [counts, objective]
-    return labels, torch.cat(parts)
+        del chunk, dists, idx  # before the next chunk is read: one chunk alive at a time
+    return labels, message
+
+
+def _update_centroids(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """centroids[c] := sums[c] / counts[c] for every non-empty c, in place (sums is overwritten):
+    the same float64 division and float32 rounding as (sums[c] / counts[c]).float(), without the
+    k x d temporaries of that expression (2.6 GB each at k/m = 80000, d = 4096)."""
+    nonempty = counts > 0
+    sums.div_(counts.clamp_min(1)[:, None])
+    if not bool(nonempty.all()):
+        sums[~nonempty] = centroids[~nonempty].double()  # empty clusters keep their centroid (exact)
+    centroids.copy_(sums)
 
 
 def _global_count(x_local, group) -> int:
@@ -276,31 +338,33 @@ def kmeans(x_local, k: int, niter: int, seed: int, device: torch.device, backend
     if k > n_total:
         raise ValueError(f"k-means with k={k} clusters needs at least k points, got n={n_total} over all ranks")
     d = int(x_local.shape[1])
-    chunk_rows = chunk_rows or max(1, DATA_CHUNK_ELEMENTS // max(1, d))
+    chunk_rows = chunk_rows or chunk_rows_for(d)
     if init_centroids is not None:
         if tuple(init_centroids.shape) != (k, d):
             raise ValueError(f"init_centroids has shape {tuple(init_centroids.shape)}, expected {(k, d)}")
         centroids = init_centroids.to(device=device, dtype=torch.float32).clone()
     else:
         centroids = initial_centroids(x_local, k, seed, init_samples_per_rank, device, group)
-    init = centroids.cpu().clone()
+    init = centroids.to("cpu", copy=True)
     assigner = make_assigner(resolve_backend(backend, device), d, device)
 
     objective, seconds, empty_resplit = [], [], 0
     for it in range(niter if k > 1 else 0):  # k == 1: the centroid is the mean, no iteration
         start = time.perf_counter()
         assigner.set_centroids(centroids)
-        _, buf = _pass(x_local, assigner, k, device, chunk_rows, with_sums=True)
-        buf = comm.all_reduce(torch.cat([buf, buf.new_tensor([poll.vote()])]) if group is None else buf, group)
-        if group is None:
+        vote = 1 if group is None else 0  # the preemption flag rides in a last slot of the world's message
+        buf = _pass(x_local, assigner, k, device, chunk_rows, with_sums=True, extra=vote)[1]  # labels freed now
+        if vote:
+            buf[-1] = poll.vote()
+        buf = comm.all_reduce(buf, group)
+        if vote:
             poll.decide(float(buf[-1]))
             buf = buf[:-1]
         else:
             poll.now()
         sums, counts, obj = buf[: k * d].view(k, d), buf[k * d: k * d + k], float(buf[-1].item())
-        nonempty = counts > 0
-        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).float()
         counts_np = counts.cpu().numpy().astype(np.int64)
+        _update_centroids(centroids, sums, counts)
         empty_resplit += split_empty_clusters(centroids, counts_np, np.random.default_rng([seed, 13, it]))
         objective.append(obj)
         seconds.append(time.perf_counter() - start)
@@ -308,7 +372,7 @@ def kmeans(x_local, k: int, niter: int, seed: int, device: torch.device, backend
             log(iteration=it, objective=obj / n_total, seconds=seconds[-1])
     if k == 1:
         assigner.set_centroids(centroids)
-        _, buf = _pass(x_local, assigner, 1, device, chunk_rows, with_sums=True)
+        buf = _pass(x_local, assigner, 1, device, chunk_rows, with_sums=True)[1]
         buf = comm.all_reduce(buf, group)
         centroids = (buf[:d] / buf[d]).float().view(1, d)
 

@@ -32,6 +32,55 @@ def _chunk_rows(d: int, chunk_rows: Optional[int]) -> int:
     return chunk_rows or max(1, CHUNK_ELEMENTS // max(1, d))
 
 
+# ---------------------------------------------------------------- sizes (the planner's memory model)
+# Each returns {what: (place, bytes)} at the peak of one phase, beyond the input rows; place is
+# "device" (the run's device: host memory on CPU runs) or "host". plan_memory.py adds them up.
+EIGH_MATRICES = 4  # covariance, eigenvectors, and LAPACK syevd's workspace (lwork = 1 + 6D + 2D^2)
+
+
+def moments_elements(d: int) -> int:
+    """float64 elements of the moments message: D*D outer products, D sums, the row count."""
+    return d * d + d + 1
+
+
+def params_elements(d: int, dim: int) -> int:
+    """float64 elements of the broadcast result: projection, mean, eigenvalues, floored, kept."""
+    return d * dim + d + 2 * dim + 1
+
+
+def _chunk_items(n: int, d: int, device_type: str, rows_on_device: bool) -> dict:
+    """A chunk of rows read from elsewhere: its copy on the device, pinned on the way to a GPU."""
+    rows = min(_chunk_rows(d, None), n)
+    if rows_on_device:
+        return {}
+    items = {"chunk copy": ("device", rows * d * 4)}
+    if device_type == "cuda":
+        items["pinned chunk"] = ("host", rows * d * 4)
+    return items
+
+
+def fit_memory(n: int, d: int, dim: int, device_type: str, rows_on_device: bool) -> list[dict]:
+    """fit_pca's two phases: the moments (message and a float64 chunk on the device), then on the
+    group's first rank the eigendecomposition on the host (the message's host copy, on GPU runs,
+    is freed once the covariance holds it)."""
+    rows = min(_chunk_rows(d, None), n)
+    moments = {"moments": ("device", moments_elements(d) * 8), "chunk float64": ("device", rows * d * 8),
+               **_chunk_items(n, d, device_type, rows_on_device)}
+    eigh = {"eigh": ("host", EIGH_MATRICES * d * d * 8), "params": ("host", params_elements(d, dim) * 8)}
+    return [moments, eigh]
+
+
+def apply_memory(n: int, d: int, dim: int, device_type: str, rows_on_device: bool, out_on_device: bool) -> dict:
+    """PCAWhitening.apply per chunk: float32 mean and projection, the centred chunk and its
+    whitened rows on the device (+ their host copy when they are written to host memory)."""
+    rows = min(_chunk_rows(d, None), n)
+    items = {"mean, projection": ("device", (d + d * dim) * 4), "centred chunk": ("device", rows * d * 4),
+             "whitened chunk": ("device", rows * dim * 4), **_chunk_items(n, d, device_type, rows_on_device)}
+    if device_type == "cuda" and not out_on_device:
+        items["whitened chunk copy"] = ("host", rows * dim * 4)
+    return items
+
+
 @dataclass
 class PCAWhitening:
     mean: torch.Tensor  # [D] float64, CPU
@@ -65,11 +114,12 @@ class PCAWhitening:
         for start, chunk in row_chunks(x, _chunk_rows(x.shape[1], chunk_rows), device):
             y = (chunk - mean) @ proj
             # a zero row (all features equal to the mean) stays zero instead of becoming NaN
-            y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            y.div_(y.norm(dim=1, keepdim=True).clamp_min(1e-12))
             if isinstance(out, np.ndarray):
                 out[start:start + len(y)] = y.cpu().numpy()
             else:
                 out[start:start + len(y)] = y.to(out.device)
+            del chunk, y  # before the next chunk is read: one chunk alive at a time
             poll.step()
         poll.finish()
         return out
@@ -80,26 +130,63 @@ class PCAWhitening:
 
 
 def _moments(x_local, chunk_rows: Optional[int], device: torch.device, poll) -> torch.Tensor:
-    """This rank's [D*D + D + 1] float64 buffer: sum of x x^T, sum of x, row count."""
+    """This rank's [D*D + D + 1] float64 buffer: sum of x x^T, sum of x, row count, accumulated in
+    place (the message itself: no concatenated copy of the D x D sums)."""
     d = int(x_local.shape[1])
-    outer = torch.zeros(d, d, dtype=torch.float64, device=device)
-    total = torch.zeros(d, dtype=torch.float64, device=device)
+    buf = torch.zeros(moments_elements(d), dtype=torch.float64, device=device)
+    outer, total = buf[: d * d].view(d, d), buf[d * d: d * d + d]
     for _, chunk in row_chunks(x_local, _chunk_rows(d, chunk_rows), device):
         c64 = chunk.double()
         outer.addmm_(c64.T, c64)
         total += c64.sum(0)
+        del chunk, c64  # before the next chunk is read: one chunk alive at a time
         poll.step()
     poll.finish()  # every rank leaves its (uneven) loop before the all_reduce below
-    count = torch.tensor([float(num_rows(x_local))], dtype=torch.float64, device=device)
-    return torch.cat([outer.flatten(), total, count])
+    buf[-1] = float(num_rows(x_local))
+    return buf
+
+
+def _reduced_covariance(x_local, chunk_rows, device: torch.device, group, poll):
+    """(global count, symmetrised covariance [D, D] float64, mean [D]) on the group's first rank,
+    (count, None, None) elsewhere. The reduced moments are dropped as soon as the covariance is
+    formed from them, so the first rank's host peak is eigh's (fit_memory)."""
+    d = int(x_local.shape[1])
+    buf = comm.all_reduce(_moments(x_local, chunk_rows, device, poll), group).cpu()
+    count = int(buf[-1].item())
+    if count < 2 or comm.group_rank(group) != 0:
+        return count, None, None
+    total = buf[d * d: d * d + d].clone()
+    mean = total / count
+    cov = torch.outer(total, mean)
+    torch.sub(buf[: d * d].view(d, d), cov, out=cov)  # = outer - total mean^T, in cov's memory
+    del buf
+    cov.div_(count - 1)
+    cov = cov + cov.T  # exact symmetry for eigh (the unsymmetrised one is freed here)
+    cov.div_(2)
+    return count, cov, mean
 
 
 def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
-    """Make each eigenvector's largest-magnitude entry positive: the same PCA gives the same output."""
+    """Make each eigenvector's largest-magnitude entry positive, in place: the same PCA gives the same output."""
     idx = vectors.abs().argmax(dim=0)
     signs = torch.sign(vectors[idx, torch.arange(vectors.shape[1])])
     signs[signs == 0] = 1
-    return vectors * signs
+    return vectors.mul_(signs)
+
+
+def _whitening_params(cov: torch.Tensor, mean: torch.Tensor, dim: int, eps: float, params: torch.Tensor) -> None:
+    """Fill params = [projection (D*dim) | mean (D) | eigenvalues (dim) | floored (dim) | kept (1)]."""
+    d = len(mean)
+    values, vectors = torch.linalg.eigh(cov)  # ascending
+    values, vectors = values.flip(0), vectors.flip(1)
+    _sign_fix(vectors)
+    top = values[:dim]
+    # the absolute floor keeps 1/sqrt(floor) finite in float32 when the features have no variance
+    floor = max(eps * float(values[0]), ABS_FLOOR)
+    projection, rest = params[: d * dim].view(d, dim), params[d * dim:]
+    torch.div(vectors[:, :dim], top.clamp_min(floor).sqrt(), out=projection)
+    kept = float(top.clamp_min(0).sum() / values.clamp_min(0).sum().clamp_min(1e-300))
+    rest.copy_(torch.cat([mean, top, (top < floor).double(), torch.tensor([kept], dtype=torch.float64)]))
 
 
 def fit_pca(x_local, dim: int, eps: float, device: torch.device, group=None, chunk_rows: Optional[int] = None,
@@ -115,30 +202,17 @@ def fit_pca(x_local, dim: int, eps: float, device: torch.device, group=None, chu
     d = int(x_local.shape[1])
     if not 1 <= dim <= d:
         raise ValueError(f"PCA dim={dim} must be in [1, D={d}] (the feature dimension)")
-    buf = comm.all_reduce(_moments(x_local, chunk_rows, device, poll), group).cpu()
-    count = int(buf[-1].item())
+    count, cov, mean = _reduced_covariance(x_local, chunk_rows, device, group, poll)
     if count < 2:
         raise ValueError(f"PCA needs at least 2 rows over all ranks, got {count}")
     # eigh once, on the first rank of the group; everyone else receives the result, so all ranks
     # hold bit-identical mean and projection (params: projection, mean, eigenvalues, floored, kept)
-    params = torch.zeros(d * dim + d + 2 * dim + 1, dtype=torch.float64)
-    if comm.group_rank(group) == 0:
-        outer, total = buf[: d * d].view(d, d), buf[d * d: d * d + d]
-        mean = total / count
-        cov = (outer - torch.outer(total, mean)) / (count - 1)
-        cov = (cov + cov.T) / 2  # exact symmetry for eigh
-        values, vectors = torch.linalg.eigh(cov)  # ascending
-        values, vectors = values.flip(0), _sign_fix(vectors.flip(1))
-        top = values[:dim]
-        # the absolute floor keeps 1/sqrt(floor) finite in float32 when the features have no variance
-        floor = max(eps * float(values[0]), ABS_FLOOR)
-        projection = vectors[:, :dim] / top.clamp_min(floor).sqrt()
-        kept = float(top.clamp_min(0).sum() / values.clamp_min(0).sum().clamp_min(1e-300))
-        params = torch.cat([projection.flatten(), mean, top, (top < floor).double(),
-                            torch.tensor([kept], dtype=torch.float64)])
+    params = torch.zeros(params_elements(d, dim), dtype=torch.float64)
+    if cov is not None:
+        _whitening_params(cov, mean, dim, eps, params)
+        del cov
     comm.broadcast(params, group)
-    fields = params.split([d * dim, d, dim, dim, 1])
-    projection, mean, eigenvalues = fields[0].view(d, dim).clone(), fields[1].clone(), fields[2].clone()
-    n_floored, kept = int(fields[3].sum().item()), float(fields[4].item())
-    return PCAWhitening(mean=mean, projection=projection, eigenvalues=eigenvalues,
-                        n_floored=n_floored, explained_variance=kept, count=count)
+    fields = params.split([d * dim, d, dim, dim, 1])  # views: the whitening keeps this one buffer
+    return PCAWhitening(mean=fields[1], projection=fields[0].view(d, dim), eigenvalues=fields[2],
+                        n_floored=int(fields[3].sum().item()), explained_variance=float(fields[4].item()),
+                        count=count)

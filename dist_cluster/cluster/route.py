@@ -25,6 +25,51 @@ import torch
 from .. import comm
 from .rows import take_rows
 
+ROW_DTYPE = torch.float32  # routed rows, in the receive buffer and in flight
+# int64 tensors of n entries alive at once while RoutePlan sorts the rows by destination
+# (route_destinations: order, s_sorted, pos, member and the temporaries of one expression)
+PLAN_INT64_PER_ROW = 6
+
+
+def buffer_bytes(n_recv: int, d: int) -> int:
+    """Bytes of the receive buffer send_rows allocates (receive_buffer): n_recv rows of d float32."""
+    return n_recv * d * ROW_DTYPE.itemsize
+
+
+def receive_buffer(n_recv: int, d: int, device: torch.device) -> torch.Tensor:
+    """The [n_recv, d] buffer the routed rows land in, on the run's device: buffer_bytes(n_recv, d)."""
+    return torch.empty(n_recv, d, dtype=ROW_DTYPE, device=device)
+
+
+def rows_per_round(d: int, chunk_bytes: int) -> int:
+    """Rows one routing round sends (and receives) at most per rank: chunk_bytes of rows."""
+    return max(1, chunk_bytes // max(1, d * ROW_DTYPE.itemsize))
+
+
+def round_bytes(n: int, n_recv: int, d: int, chunk_bytes: int, world: int) -> tuple[int, int]:
+    """(send, receive) bytes of the largest routing round of a rank that sends n rows and receives
+    n_recv: the gathered rows it sends and the block it receives, each at most chunk_bytes of rows
+    (or one row per peer, when chunk_bytes holds fewer: RoutePlan._per_pair)."""
+    per_round = max(rows_per_round(d, chunk_bytes), world)
+    return buffer_bytes(min(n, per_round), d), buffer_bytes(min(n_recv, per_round), d)
+
+
+def round_items(send: int, got: int, eager: bool) -> dict:
+    """What a routing round adds to the receive buffer at its peak: {what: (place, bytes)}.
+    eager (a GPU): the buffer is allocated whole, and a round's sent and received rows coexist.
+    Else (host memory, mapped lazily): the buffer's pages are backed as rows land in them, so at the
+    last round the buffer lacks that round's rows: the buffer plus the larger of the two."""
+    if eager:
+        return {"round sent": ("device", send), "round received": ("device", got)}
+    return {"round in flight": ("device", max(send, got))}
+
+
+def index_bytes(n: int, n_recv: int) -> tuple[int, int]:
+    """(peak while planning, kept after) bytes of RoutePlan's int64 indexes: the sort by
+    destination, or `order` and the key (n each) with the arrival index built from its parts
+    (n_recv twice); kept: `order` and the arrival index, which send_rows and return_labels use."""
+    return 8 * max(PLAN_INT64_PER_ROW * n, 2 * n + 2 * n_recv), 8 * (n + n_recv)
+
 
 def route_destinations(super_local: torch.Tensor, owners: Sequence[Sequence[int]], rank: int) -> torch.Tensor:
     """Destination rank of every local row: a member of its super-cluster's group, round-robin
@@ -71,21 +116,20 @@ class RoutePlan:
                 parts.append(torch.arange(start, start + count, dtype=torch.int64))
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
-    def _per_pair(self, row_bytes: int, chunk_bytes: int) -> tuple[int, int]:
+    def _per_pair(self, d: int, chunk_bytes: int) -> tuple[int, int]:
         """(rows per (source, destination) pair per round, rounds): the same on every rank."""
         stats = torch.tensor([int(self.send_total.max()), int((self.send_total > 0).sum()),
                               int((self.recv_total > 0).sum())])
         largest_pair, fan_out, fan_in = comm.all_reduce(stats, op=comm.MAX).tolist()
-        rows_per_round = max(1, chunk_bytes // max(1, row_bytes))
-        per_pair = max(1, rows_per_round // max(1, fan_out, fan_in))
+        per_pair = max(1, rows_per_round(d, chunk_bytes) // max(1, fan_out, fan_in))
         return per_pair, math.ceil(largest_pair / per_pair) if largest_pair else 0
 
     def send_rows(self, x_local, device: torch.device, chunk_bytes: int) -> torch.Tensor:
         """Route the rows of x_local (tensor, ndarray or memmap, anywhere) into a [n_recv, d] float32
         buffer on `device`, ordered by super-cluster. Collective."""
         d = int(x_local.shape[1])
-        out = torch.empty(int(self.recv_total.sum()), d, dtype=torch.float32, device=device)
-        per_pair, rounds = self._per_pair(d * 4, chunk_bytes)
+        out = receive_buffer(int(self.recv_total.sum()), d, device)
+        per_pair, rounds = self._per_pair(d, chunk_bytes)
         send_start = (torch.cumsum(self.send_total, 0) - self.send_total).tolist()  # dest j's block in `order`
         recv_start = (torch.cumsum(self.recv_total, 0) - self.recv_total).tolist()  # source j's in `index`
         for t in range(rounds):
@@ -99,6 +143,7 @@ class RoutePlan:
             where = torch.cat([self.index[recv_start[j] + lo: recv_start[j] + lo + recv_splits[j]]
                                for j in range(self.world)])
             out.index_copy_(0, where.to(device), got)
+            del rows, got, where  # before the next round: one round's rows alive at a time (round_items)
         return out
 
     def return_labels(self, recv_labels: torch.Tensor) -> torch.Tensor:

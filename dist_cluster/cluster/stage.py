@@ -48,14 +48,40 @@ class ClusterState:
     m: int
 
 
+# numpy.lib.format.write_array copies an array into a .npz member in blocks of at most this
+NPZ_WRITE_BLOCK_BYTES = 16 << 20
+# sizes.png (rank 0): matplotlib's figure, its 720 x 280 RGBA canvas and the PNG encoding; measured
+# 2.0 MiB (k = 256) to 2.4 MiB (k = 320000) by VmHWM around _plot_sizes
+PLOT_BYTES = 5 << 19
+
+
+def save_buffer_bytes(n: int, key_chars: int, feature_dim: int, pca_dim: int) -> int:
+    """Host bytes save_cluster_state adds at its peak: numpy's copy of (a block of) the largest
+    array written, the keys or (rank 0) the float64 PCA projection; then rank 0's histogram."""
+    return max(min(max(n * key_chars * 4, feature_dim * pca_dim * 8), NPZ_WRITE_BLOCK_BYTES), PLOT_BYTES)
+
+
 def round_dir(run_dir, round_idx: int) -> Path:
     return Path(run_dir) / "clusters" / f"round_{round_idx}"
 
 
+def whitened_place(n: int, dim: int, device_type: str, memmap_gb: float, overwrite: bool) -> str:
+    """Where the whitened features go (the planner asks the same function):
+      "device"    on `device` (the GPU, or RAM on CPU runs) when n x dim float32 fit in memmap_gb; on
+                  a GPU run always then, where the k-means reads them fastest;
+      "in place"  over the features' own memory, when the caller gives them up (overwrite_features):
+                  the paper's 1.5M x 4096 floats per rank then exist once in RAM (or on disk), not twice;
+      "memmap"    else, a private local-disk memmap that the k-means streams to the device."""
+    fits = n * dim * 4 <= memmap_gb * 2**30
+    if fits and (device_type == "cuda" or not overwrite):
+        return "device"
+    return "in place" if overwrite else "memmap"
+
+
 def _whitened_buffer(n: int, dim: int, device: torch.device, cfg, round_idx: int):
-    """Where the whitened features live: on `device` (the GPU, or RAM on CPU runs) when they fit in
-    memmap_gb, else a local memmap that the k-means streams to the device chunk by chunk: private and
-    already unlinked (scratch.private_memmap), its space freed when the buffer is released.
+    """The whitened features' buffer when not in place: on `device` when they fit in memmap_gb, else
+    a local memmap that the k-means streams to the device chunk by chunk: private and already
+    unlinked (scratch.private_memmap), its space freed when the buffer is released.
     Returns (buffer, memmap path for logs or None)."""
     if n * dim * 4 <= cfg.memmap_gb * 2**30:
         return torch.empty(n, dim, dtype=torch.float32, device=device), None
@@ -63,18 +89,14 @@ def _whitened_buffer(n: int, dim: int, device: torch.device, cfg, round_idx: int
     return array, getattr(array, "filename", None) or cfg.memmap_dir
 
 
-def _whiten_in_place(features, dim: int, device: torch.device, cfg):
+def _whiten_in_place(features, dim: int):
     """A [n, dim] view over the features' own memory, for whitening in place (PCA.apply reads each
-    chunk before writing it, and writes row i at or before where row i was read), or None.
-
-    Used when the caller gives its features up (overwrite_features): the paper's 1.5M x 4096 floats
-    per rank then exist once in RAM, not twice. Not on a GPU run whose whitened rows fit the GPU
-    budget (memmap_gb): there they go to the GPU, where the k-means reads them fastest."""
+    chunk before writing it, and writes row i at or before where row i was read), or None when the
+    features are not a contiguous float32 CPU tensor (extract.py's are)."""
     n = int(features.shape[0])
-    fits_gpu = device.type == "cuda" and n * dim * 4 <= cfg.memmap_gb * 2**30
     usable = (isinstance(features, torch.Tensor) and features.device.type == "cpu" and features.is_contiguous()
               and features.dtype == torch.float32 and dim <= features.shape[1])
-    return features.view(-1)[: n * dim].view(n, dim) if usable and not fits_gpu else None
+    return features.view(-1)[: n * dim].view(n, dim) if usable else None
 
 
 def _as_str_keys(keys) -> np.ndarray:
@@ -111,10 +133,12 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
                     overwrite: bool):
     with Timer() as timer:
         pca = fit_pca(features_local, c.pca_dim, c.pca_eps, device, poll=poll)
-        buf = _whiten_in_place(features_local, c.pca_dim, device, c) if overwrite else None
+        n = int(features_local.shape[0])
+        place = whitened_place(n, c.pca_dim, device.type, c.memmap_gb, overwrite)
+        buf = _whiten_in_place(features_local, c.pca_dim) if place == "in place" else None
         memmap_path = None
         if buf is None:
-            buf, memmap_path = _whitened_buffer(features_local.shape[0], c.pca_dim, device, c, round_idx)
+            buf, memmap_path = _whitened_buffer(n, c.pca_dim, device, c, round_idx)
         x = pca.apply(features_local, device, out=buf, poll=poll)
     logger.event("pca", round=round_idx, seconds=timer.seconds, n=pca.count, dim=pca.dim,
                  explained_variance=pca.explained_variance, floored=pca.n_floored,
