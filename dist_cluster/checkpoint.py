@@ -144,11 +144,12 @@ class Written:
     nbytes: int = 0
     digest: Optional[str] = None  # rank 0: the shared file's sha256 (its round copy's too)
     error: Optional[BaseException] = None
-    copy_s: float = 0.0  # the host copy before the write (ckpt_writer), for the log
+    copy_s: float = 0.0  # ckpt_writer: the host copy before the write, and how long the training
+    wait_s: float = 0.0  # thread still waited for the write at the next save (for the log)
 
     def report(self) -> dict:
         """The small, picklable part every rank sees (publish's all_gather_object)."""
-        return {"seconds": self.seconds, "nbytes": self.nbytes, "copy_s": self.copy_s,
+        return {"seconds": self.seconds, "nbytes": self.nbytes, "copy_s": self.copy_s, "wait_s": self.wait_s,
                 "error": None if self.error is None else str(self.error)}
 
 
@@ -320,8 +321,11 @@ def load(run_dir, map_location="cpu", round_fallback: bool = False) -> Optional[
     steps = [int(re.fullmatch(SHARED_RE, p.name).group(1)) for p in found if re.fullmatch(SHARED_RE, p.name)]
     verdicts = comm.all_gather_object(_my_verdicts(run_dir, steps))
     rejected = []
-    for g in steps:
-        why = [f"rank {r}: {v[g]}" for r, v in enumerate(verdicts) if v[g] is not None]
+    # the steps any rank listed: a step another rank did not see (a listing taken while a file
+    # appeared) is missing there, so every rank judges the same steps the same way
+    for g in sorted(set().union(*verdicts), reverse=True):
+        why = [f"rank {r}: {v.get(g, shared_file(run_dir, g).name + ': missing')}"
+               for r, v in enumerate(verdicts) if v.get(g, "") is not None]
         if not why:
             path = shared_file(run_dir, g)
             return Loaded(_load(path, map_location), load_rank_file(run_dir, rank, g, map_location), path, rejected, g)

@@ -11,9 +11,9 @@ first), guard a rewrite of the same step, copy, start the write; wait() = join t
 The run calls wait() before it stops (its end, a preemption), so the last save is never lost.
 
 Each save logs one `checkpoint` event (RUN/metrics.jsonl) and a console line when it is published:
-copy_s, the stall of the training thread (the host copy); write_s, the slowest rank's write (in the
-background); wait_s, how long the training thread still waited for that write at the next save
-(0 when the saves are further apart than a write takes); publish_s, the closing collectives.
+copy_s, the stall of the training thread (the host copy); write_s, the write (in the background);
+wait_s, how long the training thread still waited for that write at the next save (0 when saves
+are further apart than a write takes), each the slowest rank's; publish_s, the closing collectives.
 """
 from __future__ import annotations
 
@@ -137,14 +137,16 @@ class CheckpointWriter:
         self._pending = None  # published below, or failed: never twice
         written = pending.written or checkpoint.Written(
             pending.global_step, error=RuntimeError("the checkpoint writer thread died"))
-        written.copy_s = pending.copy_s
         joined = time.perf_counter()
+        written.copy_s, written.wait_s = pending.copy_s, joined - start
         reports = checkpoint.publish(self.run_dir, written, pending.round_copy)
-        self._log(pending, reports, joined - start, time.perf_counter() - joined)
+        self._log(pending, reports, time.perf_counter() - joined)
 
-    def _log(self, pending: _Pending, reports: list[dict], wait_s: float, publish_s: float) -> None:
+    def _log(self, pending: _Pending, reports: list[dict], publish_s: float) -> None:
+        """Slowest rank's copy, write and wait; all ranks' bytes. publish_s (rank 0's) includes
+        waiting in the all_gather for a slower rank."""
         nbytes, write_s = sum(r["nbytes"] for r in reports), max(r["seconds"] for r in reports)
-        copy_s = max(r["copy_s"] for r in reports)
+        copy_s, wait_s = max(r["copy_s"] for r in reports), max(r["wait_s"] for r in reports)
         if self.logger is not None:
             self.logger.event("checkpoint", step=pending.global_step, round_copy=pending.round_copy,
                               background=self.background, bytes=nbytes, bytes_rank0=reports[0]["nbytes"],

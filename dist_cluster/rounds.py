@@ -111,6 +111,9 @@ class Run:
                     self.module.trunk, loader, loader.num_samples,
                     self.module.trunk.feature_dim, self.device, cfg.cluster, cfg.train.bf16,
                     cfg.model.channels_last, tag=f"round{round_idx}", poll=poll)
+            # the previous round's last save was written during the extraction: published now
+            # (last.pt, round_<r>.pt) rather than after the clustering, at the next save
+            self.writer.wait()
             data_stats = reduce_stats(loader.stats)
             self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
                               features_bytes_rank0=feats.numel() * feats.element_size(),
