@@ -84,8 +84,8 @@ class _Pending:
 
 
 class CheckpointWriter:
-    """One run's saves, one at a time. background=False (train.async_checkpoint=false) writes and
-    publishes inside save(), as checkpoint.save does, with the same log."""
+    """One run's saves, one at a time. background=False (train.async_checkpoint=false) writes the
+    live state and publishes inside save(), as checkpoint.save does, with the same log."""
 
     def __init__(self, run_dir, background: bool = True, logger=None):
         join_abandoned()
@@ -102,13 +102,14 @@ class CheckpointWriter:
         `per_rank` to host memory and writes them, in a background thread unless background=False."""
         self.wait()
         checkpoint.guard_rewrite(self.run_dir, global_step)
+        if not self.background:  # training waits for the write: no copy needed
+            self._pending = _Pending(global_step, round_copy, 0.0)
+            self._write(self._pending, shared, per_rank)
+            self.wait()
+            return
         start = time.perf_counter()
         shared, per_rank = snapshot(shared), snapshot(per_rank)
         pending = self._pending = _Pending(global_step, round_copy, time.perf_counter() - start)
-        if not self.background:
-            self._write(pending, shared, per_rank)
-            self.wait()
-            return
         pending.thread = threading.Thread(target=self._write, args=(pending, shared, per_rank),
                                           name=f"checkpoint-step{global_step}", daemon=False)
         _THREADS.add(pending.thread)

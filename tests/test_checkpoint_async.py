@@ -181,3 +181,15 @@ def _same_step_again(rank, world, tmp):
 def test_a_step_saved_again_moves_last_pt_to_the_fallback_while_rewritten(tmp_path):
     for during, after, round_copy in run_ranks(_same_step_again, 2, (tmp_path,), timeout=180):
         assert (during, after, round_copy) == ("shared.step10.pt", "shared.step20.pt", True)
+
+
+def test_inline_saves_are_published_when_save_returns(tmp_path):
+    """train.async_checkpoint=false: no copy, no thread; the step is last.pt when save() returns."""
+    from dist_cluster.ckpt_writer import CheckpointWriter
+    from dist_cluster.logger import MetricLogger, read_metrics
+    writer = CheckpointWriter(tmp_path, background=False, logger=MetricLogger(tmp_path, tensorboard=False))
+    for g in (10, 20):
+        writer.save(*_records(0, g), g)
+        assert _last(tmp_path) == f"shared.step{g}.pt" and not writer.pending
+    events = read_metrics(tmp_path, "checkpoint")
+    assert [(e["step"], e["background"], e["copy_s"]) for e in events] == [(10, False, 0.0), (20, False, 0.0)]
