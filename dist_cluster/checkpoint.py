@@ -30,9 +30,11 @@ A save of step g, in three parts:
                        older than the fallback; a barrier; each rank deletes its own files of them.
 `save()` runs 1, 2, 3 in a row. ckpt_writer.CheckpointWriter runs 1, copies the state to host memory
 (the training thread's one stall), runs 2 in a background thread while training goes on, and 3 at
-the next save, before anything else of it, or when the run stops (its end, a preemption). So a save
-never starts before the previous one is published, and every collective runs on the training
-thread, at the same point of the run on every rank (through comm.py; the writer thread has none).
+the next save, before anything else of it, or when the run stops (its end, a preemption; rounds.Run
+also publishes a round's last save once the next round's extraction is done). So a save never
+starts before the previous one is published, and every collective runs on the training thread, at
+the same point of the run on every rank (through comm.py; the writer thread has none). Until its
+publication, last.pt names the previous step: evaluation reading last.pt lags one save behind.
 
 What a kill leaves, whenever it comes: last.pt names a step whose files were complete on every rank
 when it was set, and which nothing deletes or rewrites while it is named (pruning keeps it; a

@@ -98,8 +98,8 @@ class CheckpointWriter:
 
     def save(self, shared: Optional[dict], per_rank: dict, global_step: int, round_copy: Optional[int] = None) -> None:
         """Collective: every rank, the same step. Publishes the previous save first (waiting for its
-        write if it is still going), then copies `shared` (rank 0; others may pass None) and
-        `per_rank` to host memory and writes them, in a background thread unless background=False."""
+        write if it is still going), then writes `shared` (rank 0's; others may pass None) and
+        `per_rank`: copied to host memory and written by a thread, or (background=False) inline."""
         self.wait()
         checkpoint.guard_rewrite(self.run_dir, global_step)
         if not self.background:  # training waits for the write: no copy needed
@@ -152,7 +152,8 @@ class CheckpointWriter:
             self.logger.event("checkpoint", step=pending.global_step, round_copy=pending.round_copy,
                               background=self.background, bytes=nbytes, bytes_rank0=reports[0]["nbytes"],
                               copy_s=copy_s, write_s=write_s, wait_s=wait_s, publish_s=publish_s)
-        how = "in the background" if self.background else "inline (train.async_checkpoint=false)"
+        stall = (f"training stalled {copy_s:.3f} s copying to host memory, waited {wait_s:.3f} s for the "
+                 f"write; written in the background in {write_s:.3f} s" if self.background else
+                 f"training stalled {write_s:.3f} s writing it (train.async_checkpoint=false)")
         distributed.print0(f"checkpoint step {pending.global_step}: {nbytes / 1e6:.1f} MB over {len(reports)} "
-                           f"rank(s); training stalled {copy_s:.3f} s copying to host memory, then waited "
-                           f"{wait_s:.3f} s for the write; written {how} in {write_s:.3f} s")
+                           f"rank(s); {stall}")

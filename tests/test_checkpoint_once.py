@@ -136,6 +136,23 @@ def test_each_head_and_its_momentum_once_on_disk_and_back_on_every_owner(tmp_pat
             assert seen["restored"] and seen["super_restored"] and seen["same_after"], (name, rank, seen)
 
 
+def _old_layout(rank, world):
+    """A rank file of the layout before (every owner's heads, the head optimiser by position) still
+    restores heads and momentum."""
+    module, heads, trunk_opt, head_opt = _build(3, seed=1)
+    _step(module, heads, trunk_opt, head_opt, 0)
+    before = _state(heads, head_opt)
+    shared = {"model": module.state_dict()}  # no "format"
+    per_rank = {"heads": heads.state_dict(), "head_opt": head_opt.state_dict()}
+    module2, heads2, _, head_opt2 = _build(3, seed=2)
+    ckpt_state.restore_heads(module2, heads2, head_opt2, shared, per_rank, read_rank_file=None)
+    return _equal(_state(heads2, head_opt2), before)
+
+
+def test_a_checkpoint_of_the_layout_before_still_restores():
+    assert run_ranks(_old_layout, 1) == [True]
+
+
 # ---------------------------------------------------------------- a real run on 2 ranks
 
 
