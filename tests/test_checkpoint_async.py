@@ -129,7 +129,8 @@ for _ in range(600):  # training goes on until the kill
 
 def _kill_during(run_dir: Path, phase: str, marker: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(run_dir), phase], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
     lines, wanted = [], {marker, "save returned"}  # the two threads print in either order
     try:
         while wanted and (line := proc.stdout.readline()):

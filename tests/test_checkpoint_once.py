@@ -40,7 +40,8 @@ def _build(num_heads: int, seed: int):
     module = TrunkAndSuperHead(_Trunk(), num_heads, seed=seed)
     heads = RoutedHeads(D, num_heads, C, seed=seed)
     cfg = TrainConfig(momentum=0.9)
-    return module, heads, sgd(module.trunk.parameters(), cfg), sgd([*module.super_head.parameters(), *heads.parameters()], cfg)
+    head_opt = sgd([*module.super_head.parameters(), *heads.parameters()], cfg)
+    return module, heads, sgd(module.trunk.parameters(), cfg), head_opt
 
 
 def _step(module, heads, trunk_opt, head_opt, k: int) -> None:
@@ -186,7 +187,8 @@ def _run_losses(rank, world, tmp, shards, mode, crash_at):
         comm.barrier()
     Run(cfg).run()
     losses = {e["step"]: (e["loss_super"], e["loss_sub"]) for e in read_metrics(run_dir, "train")}
-    return losses, [(e["step"], e["phase"]) for e in read_metrics(run_dir, "resume")], read_metrics(run_dir, "checkpoint")
+    resumes = [(e["step"], e["phase"]) for e in read_metrics(run_dir, "resume")]
+    return losses, resumes, read_metrics(run_dir, "checkpoint")
 
 
 def _both(rank, world, tmp, shards):
