@@ -1,37 +1,63 @@
 """Checkpoints: one set of files per saved step, in RUN/checkpoints/.
 
-    shared.step<g>.pt              rank 0: trunk, super head, optimiser, progress, config, world size
-    rank<i>.step<g>.pt             one per rank: its sub-heads and their optimiser, its RNG state
+    shared.step<g>.pt              rank 0: trunk, super head, their optimiser state, progress, config, world size
+    rank<i>.step<g>.pt             one per rank: its RNG state, and the sub heads whose group rank i leads
+                                   (weights and momentum, ckpt_state.py): every head in one file only
     <file>.sha256                  each file's checksum (`sha256sum -c` format), written after it
-    last.pt -> shared.step<g>.pt   the newest step (a symlink; evaluation and people read it)
+    last.pt -> shared.step<g>.pt   the newest published step (a symlink; evaluation and people read it)
     round_<r>.pt (+ .sha256)       the shared file at the end of round r (a hard link), kept
 
 Why several files: sub-heads live only on their owners, and no rank should gather all of them.
-Why the step in every name: a crash between writing the rank files and the shared file must not
-leave a rank file newer than the shared file of its step, and which step a file holds must not
-depend on which rename happened last.
+Why the step in every name: which step a file holds must not depend on which rename happened last,
+and a step is usable only when every one of its files is (Loading, below).
 
-Writing: tmp file -> fsync -> rename -> fsync of the folder; the checksum, computed while the bytes
-went out, is then written the same way. A file without its checksum is an unfinished save (a step
-saved twice, a round's end and then the next round's start, drops its old checksum first). Any
-error while writing deletes the tmp file; a full disk raises one CheckpointWriteError naming the
+A file (ckpt_io.py): tmp file -> fsync -> rename -> fsync of the folder; the checksum, computed while
+the bytes went out, is then written the same way. A file without its checksum is unfinished. Any
+error while writing deletes the tmp file; a full disk gives one CheckpointWriteError naming the
 folder and the bytes needed. The two newest steps are kept: the last one and its fallback.
+
+A save of step g, in three parts:
+  1. guard_rewrite(g)  collective, training thread. A step can be saved again (an epoch's end, its
+                       round's end, the next round's start share a step): if last.pt names step g,
+                       rank 0 first points it at the fallback, then a barrier. Only then may a rank
+                       unlink a checksum of step g to replace the file.
+  2. write_step(g)     no collective, any thread: this rank's file, then (rank 0) the shared file.
+                       An error is kept in the returned Written, not raised.
+  3. publish(written)  collective, training thread: one all_gather_object of every rank's Written.
+                       A failure anywhere raises on every rank (last.pt still names the previous
+                       step). Otherwise every file of step g is complete on every rank, and only now
+                       rank 0 points last.pt at it (and keeps the round copy) and deletes the steps
+                       older than the fallback; a barrier; each rank deletes its own files of them.
+`save()` runs 1, 2, 3 in a row. ckpt_writer.CheckpointWriter runs 1, copies the state to host memory
+(the training thread's one stall), runs 2 in a background thread while training goes on, and 3 at
+the next save, before anything else of it, or when the run stops (its end, a preemption; rounds.Run
+also publishes a round's last save once the next round's extraction is done). So a save never
+starts before the previous one is published, and every collective runs on the training thread, at
+the same point of the run on every rank (through comm.py; the writer thread has none). Until its
+publication, last.pt names the previous step: evaluation reading last.pt lags one save behind.
+
+What a kill leaves, whenever it comes: last.pt names a step whose files were complete on every rank
+when it was set, and which nothing deletes or rewrites while it is named (pruning keeps it; a
+rewrite moves last.pt first). A step being written, or written and not yet published, is on disk
+without being named: Loading judges it by its checksums like any other, so a complete one is used
+and an incomplete one skipped.
 
 Loading: each rank checks its own rank file of every kept step against its checksum (rank 0 also
 the shared file); one all_gather_object of these small verdicts lets every rank pick the same step,
-the newest one good on *all* ranks, so a rank whose own file is bad makes every rank fall back. A
-round copy has no rank files: it restores the trunk and the progress, not the heads nor the ranks'
-random streams. `load(round_fallback=True)` accepts one only for callers that start fresh heads at a
-round boundary anyway (rounds.Run: DeeperCluster, DeepCluster); the run then goes on deterministically
-but not bit-identical to an uninterrupted one. Everything is read with torch.load(weights_only=True).
+the newest one good on *all* ranks, so a rank whose own file is bad makes every rank fall back. An
+owner of a sub head reads it from its group leader's file (load_rank_file), checked by the leader
+in the same verdicts. A round copy has no rank files: it restores the trunk and the progress, not
+the heads nor the ranks' random streams. `load(round_fallback=True)` accepts one only for callers
+that start fresh heads at a round boundary anyway (rounds.Run: DeeperCluster, DeepCluster); the run
+then goes on deterministically but not bit-identical to an uninterrupted one. Everything is read with
+torch.load(weights_only=True). A run resumes with the world size it was saved with (_check_world):
+each rank's shards, random stream and position in the epoch are its own.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import re
-import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,14 +65,15 @@ from typing import Callable, Optional
 import torch
 
 from . import comm, distributed
+from .ckpt_io import (CheckpointWriteError, checksum_file, link_atomically, verify, write_checked,
+                      write_checksum, write_error)
+
+__all__ = ["CheckpointError", "CheckpointWriteError", "Loaded", "Written", "candidates", "checksum_file",
+           "ckpt_dir", "guard_rewrite", "load", "load_rank_file", "peek", "publish", "rank_file", "rng_state",
+           "save", "set_rng_state", "shared_file", "stored_config", "verify", "write_step"]
 
 SHARED_RE = r"shared\.step(\d+)\.pt"
 ROUND_RE = r"round_(\d+)\.pt"
-CHUNK = 8 << 20  # bytes read at a time when checking a file
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint file could not be written; nothing partial was left behind."""
 
 
 class CheckpointError(RuntimeError):
@@ -65,137 +92,7 @@ def shared_file(run_dir, global_step: int) -> Path:
     return ckpt_dir(run_dir) / f"shared.step{global_step}.pt"
 
 
-def checksum_file(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-# ---------------------------------------------------------------- writing
-
-
-class _HashingWriter:
-    """What torch.save writes to: the file, hashed on the way. torch turns an exception raised in
-    write() into an 'unexpected pos' RuntimeError, so the original one is kept here for the message."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.nbytes, self.error = f, hashlib.sha256(), 0, None
-
-    def write(self, data) -> int:
-        try:
-            n = self.f.write(data)
-        except BaseException as err:
-            self.error = err
-            raise
-        self.sha.update(data)
-        self.nbytes += n
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make renames and deletions in `folder` durable (POSIX: fsync of the directory itself)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:  # some filesystems cannot sync a directory; the rename is atomic anyway
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _tensor_bytes(obj) -> int:
-    """About what torch.save of obj needs: its tensors (the pickle around them is small)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _write_error(path: Path, err: BaseException, need: int) -> CheckpointWriteError:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = shutil.disk_usage(path.parent).free
-        return CheckpointWriteError(
-            f"checkpoint not saved: no space left in {path.parent} for {path.name} (about "
-            f"{need / 2**20:.2f} MiB needed, {free / 2**20:.2f} MiB free; {err.strerror}). No partial file "
-            "was left and the previous checkpoint is intact: free space (or move run_dir) and run the "
-            "same command again to resume.")
-    return CheckpointWriteError(f"checkpoint not saved: writing {path} failed: {err!r}. No partial file was left.")
-
-
-def _replace_durably(path: Path, write: Callable) -> None:
-    """write(f) into path.tmp, fsync, rename over path, fsync the folder; on any error remove the tmp."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_checksum(path: Path, digest: str) -> None:
-    line = f"{digest}  {path.name}\n".encode()
-    _replace_durably(checksum_file(path), lambda f: f.write(line))
-
-
-def write_checked(obj, path: Path) -> str:
-    """torch.save(obj) to path, then its checksum file; returns the sha256 hex digest."""
-    writer = None
-
-    def save_to(f):
-        nonlocal writer
-        writer = _HashingWriter(f)
-        torch.save(obj, writer)
-
-    try:
-        if checksum_file(path).exists():  # the same step again: unfinished until its new checksum
-            checksum_file(path).unlink()
-            _fsync_dir(path.parent)
-        _replace_durably(path, save_to)
-        _write_checksum(path, writer.sha.hexdigest())
-    except Exception as err:  # noqa: BLE001 - one clear error instead of torch's
-        cause = writer.error if writer is not None and writer.error is not None else err
-        raise _write_error(path, cause, max(_tensor_bytes(obj), writer.nbytes if writer else 0)) from None
-    return writer.sha.hexdigest()
-
-
-def _link(target: Path, name: Path, symlink: bool) -> None:
-    """name -> target, atomically: a relative symlink (symlink=True) or a hard link, else (a
-    filesystem without them) a copy. Either way `name` reads as the target's bytes."""
-    tmp = name.with_name(name.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.symlink(target.name, tmp) if symlink else os.link(target, tmp)
-        except OSError:
-            shutil.copyfile(target, tmp)
-        os.replace(tmp, name)
-        _fsync_dir(name.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _point_last(path: Path, digest: str, round_copy: Optional[int]) -> None:
-    """last.pt -> path; round_<r>.pt a hard link, so that it outlives the pruning of `path`."""
-    try:
-        _link(path, path.with_name("last.pt"), symlink=True)
-        if round_copy is not None:
-            copy = path.with_name(f"round_{round_copy}.pt")
-            checksum_file(copy).unlink(missing_ok=True)  # replaced below: unfinished until then
-            _link(path, copy, symlink=False)
-            _write_checksum(copy, digest)
-    except OSError as err:  # a copy, where links are not supported, needs the space again
-        raise _write_error(path.with_name("last.pt"), err, path.stat().st_size) from None
+# ---------------------------------------------------------------- saving
 
 
 def _steps(folder: Path, pattern: str) -> dict[int, Path]:
@@ -215,51 +112,109 @@ def _prune(folder: Path, pattern: str, keep: Callable[[int], bool], tmp_pattern:
             tmp.unlink(missing_ok=True)
 
 
-def save(run_dir, shared: dict, per_rank: dict, global_step: int, round_copy: Optional[int] = None) -> None:
-    """Collective: every rank writes its own file, then rank 0 the shared file, and points last.pt
-    at it. round_copy=r also keeps RUN/checkpoints/round_<r>.pt, the trunk at the end of round r."""
-    rank = distributed.rank()
-    folder = ckpt_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_checked({**per_rank, "global_step": global_step}, rank_file(run_dir, rank, global_step))
-    comm.barrier()  # every rank file of this step exists before the shared file may name the step
+def _point_last(path: Path, digest: str, round_copy: Optional[int]) -> None:
+    """last.pt -> path; round_<r>.pt a hard link, so that it outlives the pruning of `path`."""
+    try:
+        link_atomically(path, path.with_name("last.pt"), symlink=True)
+        if round_copy is not None:
+            copy = path.with_name(f"round_{round_copy}.pt")
+            checksum_file(copy).unlink(missing_ok=True)  # replaced below: unfinished until then
+            link_atomically(path, copy, symlink=False)
+            write_checksum(copy, digest)
+    except OSError as err:  # a copy, where links are not supported, needs the space again
+        raise write_error(path.with_name("last.pt"), err, path.stat().st_size) from None
+
+
+def guard_rewrite(run_dir, global_step: int) -> None:
+    """Collective, before step `global_step` is written: if last.pt names that step (saved again),
+    rank 0 points it at the newest older complete step first, so that it never names files being
+    replaced. Without an older step it is left (a kill then falls back as Loading says)."""
+    last = ckpt_dir(run_dir) / "last.pt"
+    if distributed.rank() == 0 and last.is_symlink() and os.readlink(last) == shared_file(run_dir, global_step).name:
+        older = [g for g, p in _steps(last.parent, SHARED_RE).items()
+                 if g < global_step and checksum_file(p).exists()]
+        if older:
+            link_atomically(shared_file(run_dir, max(older)), last, symlink=True)
+    comm.barrier()
+
+
+@dataclass
+class Written:
+    """What write_step left on this rank: what publish() needs, and the numbers for the log."""
+    global_step: int
+    seconds: float = 0.0
+    nbytes: int = 0
+    digest: Optional[str] = None  # rank 0: the shared file's sha256 (its round copy's too)
+    error: Optional[BaseException] = None
+    copy_s: float = 0.0  # ckpt_writer: the host copy before the write, and how long the training
+    wait_s: float = 0.0  # thread still waited for the write at the next save (for the log)
+
+    def report(self) -> dict:
+        """The small, picklable part every rank sees (publish's all_gather_object)."""
+        return {"seconds": self.seconds, "nbytes": self.nbytes, "copy_s": self.copy_s, "wait_s": self.wait_s,
+                "error": None if self.error is None else str(self.error)}
+
+
+def write_step(run_dir, shared: Optional[dict], per_rank: dict, global_step: int) -> Written:
+    """This rank's files of a step: its rank file, then (rank 0) the shared file built from `shared`.
+    No collective: the background writer runs it. Errors are returned, for publish() to raise."""
+    start, rank = time.perf_counter(), distributed.rank()
+    out, paths = Written(global_step), [rank_file(run_dir, rank, global_step)]
+    try:
+        ckpt_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        write_checked({**per_rank, "global_step": global_step}, paths[0])
+        if rank == 0:
+            record = {**shared, "global_step": global_step, "world_size": distributed.world_size()}
+            paths.append(shared_file(run_dir, global_step))
+            out.digest = write_checked(record, paths[1])
+        out.nbytes = sum(p.stat().st_size for p in paths)
+    except Exception as err:  # noqa: BLE001 - raised by publish(), on every rank
+        out.error = err
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _raise_failures(reports: list[dict], mine: Written) -> None:
+    """Every rank raises when any rank's files of the step are missing: its own error where it
+    failed, else one naming the rank that did."""
+    if mine.error is not None:
+        raise mine.error
+    failed = [(r, rep["error"]) for r, rep in enumerate(reports) if rep["error"] is not None]
+    if failed:
+        rank, why = failed[0]
+        raise CheckpointWriteError(f"checkpoint of step {mine.global_step} not saved: rank {rank} failed: {why}. "
+                                   "The previous checkpoint is intact.")
+
+
+def publish(run_dir, written: Written, round_copy: Optional[int] = None) -> list[dict]:
+    """Collective: make step written.global_step the last one once every rank's files of it are
+    complete (see the module doc); returns every rank's Written.report(), in rank order.
+    round_copy=r also keeps RUN/checkpoints/round_<r>.pt, the trunk at the end of round r."""
+    reports = comm.all_gather_object(written.report())
+    _raise_failures(reports, written)
+    rank, g, folder = distributed.rank(), written.global_step, ckpt_dir(run_dir)
     if rank == 0:
-        record = {**shared, "global_step": global_step, "world_size": distributed.world_size()}
-        path = shared_file(run_dir, global_step)
-        _point_last(path, write_checked(record, path), round_copy)
+        _point_last(shared_file(run_dir, g), written.digest, round_copy)
         # kept: this step and the newest one before it (the fallback); a newer one can only be left
         # from a save abandoned when a resume went back past it
-        older = [g for g in _steps(folder, SHARED_RE) if g < global_step]
-        kept = {global_step, max(older, default=global_step)}
+        older = [s for s in _steps(folder, SHARED_RE) if s < g]
+        kept = {g, max(older, default=g)}
         _prune(folder, SHARED_RE, kept.__contains__, rf"{SHARED_RE}|last\.pt|{ROUND_RE}")
-    comm.barrier()  # the step is complete and rank 0 has chosen the fallback: the rank files follow it
+    comm.barrier()  # rank 0 has chosen the fallback: the rank files follow it
     mine = rf"rank{rank}\.step(\d+)\.pt"
-    _prune(folder, mine, lambda g: g == global_step or shared_file(run_dir, g).exists(), mine)
+    _prune(folder, mine, lambda s: s == g or shared_file(run_dir, s).exists(), mine)
+    return reports
+
+
+def save(run_dir, shared: Optional[dict], per_rank: dict, global_step: int,
+         round_copy: Optional[int] = None) -> list[dict]:
+    """Collective, synchronous: guard_rewrite, write_step, publish (rank 0's `shared` is the one
+    written; other ranks may pass None). Raises CheckpointWriteError on every rank if any failed."""
+    guard_rewrite(run_dir, global_step)
+    return publish(run_dir, write_step(run_dir, shared, per_rank, global_step), round_copy)
 
 
 # ---------------------------------------------------------------- checking and loading
-
-
-def sha256_of(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
-def verify(path: Path) -> Optional[str]:
-    """None when path matches its checksum file, else why not (for the messages)."""
-    if not path.exists():
-        return "missing"
-    if not checksum_file(path).exists():
-        return f"no {checksum_file(path).name} (its save did not finish)"
-    size = path.stat().st_size
-    if size == 0:
-        return "empty (0 bytes)"
-    if [sha256_of(path)] != checksum_file(path).read_text().split()[:1]:
-        return f"checksum mismatch ({size} bytes: truncated or overwritten)"
-    return None
 
 
 def peek(path: Path) -> dict:
@@ -310,6 +265,7 @@ class Loaded:
     per_rank: Optional[dict]  # None: a round copy (fresh heads; the ranks' RNG from the seed)
     path: Path  # the shared file resumed from
     rejected: list[str] = field(default_factory=list)  # the newer checkpoints skipped, and why
+    step: Optional[int] = None  # the step of the rank files (None: a round copy)
 
 
 def _check_world(found: list[Path]) -> None:
@@ -345,6 +301,12 @@ def _load(path: Path, map_location) -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_rank_file(run_dir, rank: int, global_step: int, map_location="cpu") -> dict:
+    """Rank `rank`'s file of a step: a rank's own, or (the sub heads of its group) its group
+    leader's. Unchecked here: load() chose the step only after every rank had checked its own."""
+    return _load(rank_file(run_dir, rank, global_step), map_location)
+
+
 def load(run_dir, map_location="cpu", round_fallback: bool = False) -> Optional[Loaded]:
     """Collective (one all_gather_object): the newest checkpoint every rank can use, or None when
     the run has none. Raises CheckpointError, naming every file and why, when none can be used."""
@@ -356,15 +318,19 @@ def load(run_dir, map_location="cpu", round_fallback: bool = False) -> Optional[
     if found[0].name == "last.pt":  # written before checksums: nothing to check it against
         shared = _load(found[0], map_location)
         distributed.print0(f"{found[0]} was written before checksums: loaded unchecked")
-        return Loaded(shared, _load(rank_file(run_dir, rank, shared["global_step"]), map_location), found[0])
+        g = shared["global_step"]
+        return Loaded(shared, load_rank_file(run_dir, rank, g, map_location), found[0], step=g)
     steps = [int(re.fullmatch(SHARED_RE, p.name).group(1)) for p in found if re.fullmatch(SHARED_RE, p.name)]
     verdicts = comm.all_gather_object(_my_verdicts(run_dir, steps))
     rejected = []
-    for g in steps:
-        why = [f"rank {r}: {v[g]}" for r, v in enumerate(verdicts) if v[g] is not None]
+    # the steps any rank listed: a step another rank did not see (a listing taken while a file
+    # appeared) is missing there, so every rank judges the same steps the same way
+    for g in sorted(set().union(*verdicts), reverse=True):
+        why = [f"rank {r}: {v.get(g, shared_file(run_dir, g).name + ': missing')}"
+               for r, v in enumerate(verdicts) if v.get(g, "") is not None]
         if not why:
             path = shared_file(run_dir, g)
-            return Loaded(_load(path, map_location), _load(rank_file(run_dir, rank, g), map_location), path, rejected)
+            return Loaded(_load(path, map_location), load_rank_file(run_dir, rank, g, map_location), path, rejected, g)
         rejected.append(f"step {g}: " + "; ".join(why))
     rounds = found[len(steps):]
     if rounds and not round_fallback:

@@ -86,6 +86,9 @@ class TrainConfig:
     balance: str = "weight"
     bf16: bool = True  # autocast on GPU only
     ckpt_every_steps: int = 200
+    # True: a save stalls training only to copy the state to host memory, a thread writes the files
+    # (checkpoint.py: the protocol); False: written inline, training waits (same files, same log)
+    async_checkpoint: bool = True
     log_every_steps: int = 20
 
 
@@ -112,6 +115,7 @@ RESUMABLE_KEYS = {
                     "a cosine schedule or warm-up then spreads over the new total",
     "train.log_every_steps": "logging only",
     "train.ckpt_every_steps": "when to save (a save draws no random number)",
+    "train.async_checkpoint": "whether a save is written in a background thread or inline: the same files",
     "dist.timeout_s": "how long a dead peer is waited for",
     # checkpoints are device-free (state_dicts mapped to the run's device, the CPU RNG stream restored
     # on either) and `auto` already resolves per machine, so refusing an explicit change would not stop

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm, distributed
+from .ckpt_state import load_param_state, param_state
 
 HEAD_INIT_STD = 0.01  # DeepCluster's top-layer init: N(0, 0.01), zero bias
 
@@ -244,15 +245,29 @@ class RoutedHeads(nn.Module):
                     comm.all_reduce(p.grad, self._groups[s])
         self._grad_scale = None
 
-    def state_dict_owned(self) -> dict:
-        """{head index: state dict} for the heads whose group this rank leads (first owner)."""
-        return {s: {k: v.detach().cpu().clone() for k, v in self.heads[str(s)].state_dict().items()}
-                for s in self.owned if self.owners[s][0] == self.rank}
+    def state_dict_owned(self, optimizer=None) -> dict:
+        """{head index: state dict} for the heads whose group this rank leads (first owner): over
+        all ranks, every head once (its owners hold equal copies). With `optimizer`, each entry also
+        holds "optim": the head's optimiser state by parameter name (its momentum). The live
+        tensors, as nn.Module.state_dict gives them: a checkpoint copies them (ckpt_writer.snapshot)."""
+        out = {}
+        for s in self.owned:
+            if self.owners[s][0] != self.rank:
+                continue
+            out[s] = dict(self.heads[str(s)].state_dict())
+            if optimizer is not None:
+                out[s]["optim"] = param_state(optimizer, self.heads[str(s)])
+        return out
 
-    def load_state_dict_owned(self, heads_state: dict) -> None:
-        """Load every owned head from {head index: state dict} (merged from all ranks' saves, any W)."""
+    def load_state_dict_owned(self, heads_state: dict, optimizer=None) -> None:
+        """Load every owned head from {head index: state dict} (merged from the leaders' saves), and
+        with `optimizer` its optimiser state ("optim": absent, the head has none, as before a step)."""
         missing = [s for s in self.owned if s not in heads_state and str(s) not in heads_state]
         if missing:
             raise KeyError(f"rank {self.rank}: no saved state for owned heads {missing}")
         for s in self.owned:
-            self.heads[str(s)].load_state_dict(heads_state[s] if s in heads_state else heads_state[str(s)])
+            saved = dict(heads_state[s] if s in heads_state else heads_state[str(s)])
+            optim = saved.pop("optim", {})
+            self.heads[str(s)].load_state_dict(saved)
+            if optimizer is not None:
+                load_param_state(optimizer, self.heads[str(s)], optim)

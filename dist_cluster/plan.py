@@ -222,7 +222,8 @@ def train_row(p: PlanInputs, s: Shape, r: Rates) -> StageRow:
     head_sync = s.heads_per_rank * ring(head * 4, s.head_group)
     compute = s.rows_per_step / r.train_rows_s.value
     step_seconds = max(compute, ddp / bw) + routing / bw + head_sync / bw_head
-    checkpoint = replicated * 4 * 2 + s.heads * head * 4 * 2  # weights + momentum
+    # one copy of each parameter and its momentum per save: a sub head by its group's first owner
+    checkpoint = replicated * 4 * 2 + s.heads * head * 4 * 2
     return StageRow("train", gpu_bytes=gpu, ram_bytes=s.n * (16 + 4 * p.key_chars),
                     net_bytes_step=ddp + routing + head_sync,
                     net_bytes_round=(ddp + routing + head_sync) * s.steps * p.reassign,
@@ -232,7 +233,9 @@ def train_row(p: PlanInputs, s: Shape, r: Rates) -> StageRow:
                     notes=[f"{s.steps} steps/epoch of {s.rows_per_step} rows, {step_seconds:.3f} s/step "
                            f"({compute:.3f} compute)", f"{s.heads_per_rank} sub head(s) of {head / 1e6:.1f} M "
                            f"params per rank, groups of {s.head_group} "
-                           f"({'NVLink' if bw_head == r.intra_bytes_s.value else 'network'})"])
+                           f"({'NVLink' if bw_head == r.intra_bytes_s.value else 'network'})",
+                           f"checkpoint {checkpoint / 1e9:.1f} GB per save: one copy of each parameter and its "
+                           f"momentum (each sub head written by the first rank of its group)"])
 
 
 def plan(inputs: PlanInputs, rates: Optional[Rates] = None) -> list[StageRow]:

@@ -22,7 +22,8 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, distributed, preemption
+from . import checkpoint, ckpt_state, distributed, preemption
+from .ckpt_writer import CheckpointWriter
 from .cluster.stage import load_cluster_state, run_clustering
 from .config import resume_changes, save_config
 from .data import ShardLoader, make_loader, reduce_stats, steps_per_epoch
@@ -79,7 +80,9 @@ class Run:
         seed_this_rank(cfg.seed, self.env.rank)
         self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
         self.heads = self.head_opt = None
-        self._resumed = None  # (shared, per-rank) checkpoint contents after resume()
+        self._resumed = None  # the checkpoint.Loaded of resume()
+        # one save at a time, written in the background; published at the next save or the stop
+        self.writer = CheckpointWriter(self.run_dir, cfg.train.async_checkpoint, self.logger)
 
     @property
     def clusters_needed(self) -> bool:
@@ -109,6 +112,9 @@ class Run:
                     self.module.trunk, loader, loader.num_samples,
                     self.module.trunk.feature_dim, self.device, cfg.cluster, cfg.train.bf16,
                     cfg.model.channels_last, tag=f"round{round_idx}", poll=poll)
+            # the previous round's last save was written during the extraction: published now
+            # (last.pt, round_<r>.pt) rather than after the clustering, at the next save
+            self.writer.wait()
             data_stats = reduce_stats(loader.stats)
             self.logger.event("extract", round=round_idx, seconds=timer.seconds, images=data_stats["samples"],
                               features_bytes_rank0=feats.numel() * feats.element_size(),
@@ -169,12 +175,12 @@ class Run:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, round_copy=None) -> None:
-        shared = {"model": self.module.state_dict(), "trunk_opt": self.trunk_opt.state_dict(),
-                  "progress": dict(self.state), "config": OmegaConf.to_yaml(self.cfg)}
-        per_rank = {"heads": self.heads.state_dict() if self.heads is not None else {},
-                    "head_opt": self.head_opt.state_dict() if self.head_opt is not None else {},
-                    **checkpoint.rng_state(self.device)}
-        checkpoint.save(self.run_dir, shared, per_rank, self.state["global_step"], round_copy)
+        """Collective. Each tensor once per save: the replicated part by rank 0, each sub head and
+        its momentum by its group's first owner (ckpt_state.py); returns after the host copy."""
+        shared = ckpt_state.shared_record(self.module, self.trunk_opt, self.head_opt, self.state,
+                                          OmegaConf.to_yaml(self.cfg)) if self.env.is_main else None
+        per_rank = ckpt_state.rank_record(self.heads, self.head_opt, self.device)
+        self.writer.save(shared, per_rank, self.state["global_step"], round_copy)
 
     def resume(self) -> bool:
         # a round copy (no rank files) only where a round boundary starts fresh heads anyway
@@ -194,7 +200,7 @@ class Run:
         self.state = dict(shared["progress"])
         if per_rank is not None:  # a round copy: the ranks' streams stay as seeded in __init__
             checkpoint.set_rng_state(per_rank, self.device)
-        self._resumed = (shared, per_rank)
+        self._resumed = loaded
         distributed.print0(f"resumed from {loaded.path} at {self.state}")
         self.logger.event("resume", step=self.state["global_step"], round=self.state["round"],
                           epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"])
@@ -206,12 +212,7 @@ class Run:
     def restore_heads(self, round_idx: int, clusters) -> None:
         """Resumed mid-round: the heads (super head included) and their optimiser as saved."""
         self.new_heads(round_idx, clusters)  # builds heads and optimiser; the saved values then overwrite them
-        shared, per_rank = self._resumed
-        self.module.super_head.load_state_dict(
-            {k.removeprefix("super_head."): v for k, v in shared["model"].items() if k.startswith("super_head.")})
-        if self.heads is not None:
-            self.heads.load_state_dict(per_rank["heads"])
-        self.head_opt.load_state_dict(per_rank["head_opt"])
+        ckpt_state.restore_from(self._resumed, self.run_dir, self.device, self.module, self.heads, self.head_opt)
 
     def maybe_checkpoint(self, state: dict, save: bool = False) -> bool:
         """train_epoch's checkpoint hook: is a save due after this step (mid-epoch; the epoch end
@@ -268,6 +269,7 @@ class Run:
     def stop_for_preemption(self, save: bool = True):
         if save:
             self.save()
+        self.writer.wait()  # every rank stops here: the last save published before the exit
         # the finished save of this step (file and checksum): just written, the round's start when
         # stopped in EXTRACT/CLUSTER (or its round copy, resumed from one), none in a new run's round 0
         g, r = self.state["global_step"], self.state["round"]
@@ -281,6 +283,7 @@ class Run:
         raise preemption.Preempted(self.state["global_step"], held)
 
     def finish(self) -> None:
+        self.writer.wait()  # the last save (round copy included) published before the run ends
         if distributed.is_main():
             path = export_backbone(self.module.trunk, self.cfg.model.arch, self.run_dir / "export")
             distributed.print0(f"exported backbone to {path}")

@@ -10,9 +10,10 @@ about to enter one:
     extract   rank 0, after its 3rd extraction batch of round 0 (no checkpoint yet)
     kmeans    rank 1, before the 3rd level-1 M-step all_reduce of round 0 (no checkpoint yet)
     route     rank 0, before the all_to_alls that route round 1's features (last.pt: round 1 start)
-    train     rank 1, after global step 12 (mid-epoch; last.pt at step 10)
-    save      rank 0, once last.pt points at step 15's shared file, before the barrier that ends
-              the save (the other rank waits there; old rank files not yet pruned)
+    train     rank 1, after global step 12 (mid-epoch; step 10 written, published at the next save)
+    save      rank 0, once last.pt points at step 15's shared file (its publication, at the next
+              save), before the barrier that ends it (the other rank waits there; old rank files
+              not yet pruned)
 Before killing itself the rank writes RUN/killed.json (point, rank, time): the test measures the
 restart from there. `none` runs unchanged (the reference).
 USR2 (tests/test_launcher_exit.py), sent by rank 1 to itself, as SLURM would:
@@ -101,6 +102,7 @@ def install(point: str) -> None:
 
         def hook(self, state, save=False):
             if not save and state["global_step"] == at_step:
+                self.writer.join()  # step 10's background write done: the restart resumes there
                 die(point)
             return original_hook(self, state, save)
         rounds.Run.maybe_checkpoint = hook

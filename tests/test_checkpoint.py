@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_cluster import checkpoint
+from dist_cluster import checkpoint, ckpt_io
 from tests.ci import skip_unless_ci
 from tests.dist_utils import run_ranks
 from tests.test_rounds import small_run_config
@@ -141,16 +141,16 @@ def _fail_with_enospc(monkeypatch, where: str, after: int = 2048):
     if where == "fsync":
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+        monkeypatch.setattr(ckpt_io.os, "fsync", fsync)
         return
-    write = checkpoint._HashingWriter.write
+    write = ckpt_io._HashingWriter.write
 
     def limited(self, data):
         if where in self.f.name and self.nbytes + len(memoryview(data)) > after:
             self.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             raise self.error
         return write(self, data)
-    monkeypatch.setattr(checkpoint._HashingWriter, "write", limited)
+    monkeypatch.setattr(ckpt_io._HashingWriter, "write", limited)
 
 
 @pytest.mark.parametrize("where", ["rank0", "shared", "fsync"])

@@ -236,6 +236,25 @@ def test_cuda_rng_is_checkpointed_and_per_rank(cuda):
     assert torch.equal(first, torch.rand(4, device=cuda))
 
 
+def test_checkpoint_host_copy_and_background_save_on_cuda(cuda, tmp_path):
+    """ckpt_writer.snapshot: pinned host copies, complete when it returns (a kernel writing the
+    original right after cannot reach the copy); a background save of CUDA state, published over
+    NCCL, loads back onto the device."""
+    from dist_cluster import checkpoint
+    from dist_cluster.ckpt_writer import CheckpointWriter, snapshot
+    live = {"w": torch.randn(4096, 1024, device=cuda), "m": [torch.arange(5.0, device=cuda)], "step": 3}
+    host = snapshot(live)
+    expected = live["w"].cpu()
+    live["w"].mul_(0)  # training goes on, asynchronously on the GPU
+    assert host["w"].device == CPU and host["w"].is_pinned() and torch.equal(host["w"], expected)
+    assert host["m"][0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and host["step"] == 3
+    writer = CheckpointWriter(tmp_path)
+    writer.save({"model": {"w": live["w"]}, "config": ""}, {"h": live["m"][0]}, 7)
+    writer.wait()
+    loaded = checkpoint.load(tmp_path, map_location=cuda)
+    assert loaded.shared["model"]["w"].device == cuda and torch.equal(loaded.shared["model"]["w"], live["w"])
+
+
 def test_loader_and_targets_follow_the_run_device(cuda, tmp_path):
     from types import SimpleNamespace
 
