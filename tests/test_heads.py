@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_cluster.head_grads import HeadGradSync
 from dist_cluster.heads import HEAD_INIT_STD, RoutedHeads, TrunkAndSuperHead
 from dist_cluster.targets import Targets
 from dist_cluster.trainer import PendingStats, sgd, train_step
@@ -175,18 +176,35 @@ def _bad_input_and_checkpoint(rank, world):
     return error, sorted(merged), [len(part) for part in saved], same
 
 
+def _two_heads_one_group(rank, world):
+    """HeadGradSync alone, on a layout `ownership` does not make today: both ranks own heads 0 and 1,
+    over one group. Rank r has rows for head r only, so backward fires the hooks of head 0 on rank 0
+    and of head 1 on rank 1: launched in hook order, rank 0's head 0 would be summed with rank 1's
+    head 1. The ascending rule pairs them right. Returns {head: bias gradient}."""
+    heads = {s: torch.nn.Linear(2, 2) for s in (0, 1)}
+    sync = HeadGradSync(heads, {0: dist.group.WORLD, 1: dist.group.WORLD}, {0, 1}, world)
+    routed = torch.ones(1, 2, requires_grad=True) * 1.0
+    sync.arm(torch.full((2,), float(world)), [int(s == rank) for s in (0, 1)], routed)  # scale / W = 1
+    (heads[rank](routed).sum() * 10 ** rank + routed.sum() * 0.0).backward()
+    sync.finish()
+    return {s: heads[s].bias.grad.tolist() for s in (0, 1)}
+
+
 def _two_rank_checks(rank, world):
-    return _run_cases(rank, world, CASES_W2), _bad_input_and_checkpoint(rank, world)
+    return _run_cases(rank, world, CASES_W2), _bad_input_and_checkpoint(rank, world), _two_heads_one_group(rank, world)
 
 
 def test_two_ranks_match_the_original_bad_targets_and_checkpoint():
-    """One 2-rank run (process start-up dominates): gradients, errors on every rank, checkpoints."""
+    """One 2-rank run (process start-up dominates): gradients, errors on every rank, checkpoints, the
+    order of head reduces over a group shared by two heads."""
     results = run_ranks(_two_rank_checks, 2)
     for case, per_rank in zip(CASES_W2, zip(*[r[0] for r in results])):
         _check(per_rank, case)
     for error, merged_keys, per_rank, same in [r[1] for r in results]:
         assert "1 bad rows over all ranks" in error
         assert merged_keys == [0, 1, 2] and sum(per_rank) == 3 and same
+    for r in results:  # head 0: rank 0's [1, 1] + rank 1's zeros; head 1: zeros + rank 1's [10, 10]
+        assert r[2] == {0: [1.0, 1.0], 1: [10.0, 10.0]}, r[2]
 
 
 def _reduce_order(rank, world, case, overlap):
