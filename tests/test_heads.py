@@ -235,7 +235,8 @@ def _reduce_order(rank, world, case, overlap):
 
 
 def _four_rank_checks(rank, world):
-    order = {(i, overlap): _reduce_order(rank, world, CASES_W4[i], overlap) for i in (1, 4) for overlap in (True, False)}
+    order = {(i, overlap): _reduce_order(rank, world, CASES_W4[i], overlap)
+             for i in (1, 4) for overlap in (True, False)}
     return _run_cases(rank, world, CASES_W4), order
 
 
