@@ -10,6 +10,7 @@ they always run the collective, world size 1 included: a one-GPU run goes throug
 64-GPU one does, which is what lets one lent GPU prove the NCCL path (tests/test_gpu.py).
 
     comm.all_reduce(t)                          # in place, sum; t may live anywhere
+    pending = comm.all_reduce_async(t, group); ...; pending.wait()   # the same, started now
     recv, counts = comm.all_to_all_rows(rows, send_counts, group, out_device=cuda)
     y = comm.all_to_all_autograd(x, recv_splits, send_splits, group)   # gradients flow back
 """
@@ -69,6 +70,34 @@ def all_reduce(tensor: torch.Tensor, group=None, op=None) -> torch.Tensor:
     if buf is not tensor:
         tensor.copy_(buf)
     return tensor
+
+
+class Pending:
+    """A started all_reduce: `wait()` finishes it and returns the reduced tensor, on its own device.
+
+    Under NCCL, wait() only orders the caller's CUDA stream after the reduce (no host sync); under
+    gloo it blocks the host until the reduce is done."""
+
+    def __init__(self, tensor: torch.Tensor, buf: torch.Tensor, work):
+        self.tensor, self._buf, self._work = tensor, buf, work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            if self._buf is not self.tensor:
+                self.tensor.copy_(self._buf)
+        return self.tensor
+
+
+def all_reduce_async(tensor: torch.Tensor, group=None, op=None) -> Pending:
+    """Start an in-place all_reduce (sum by default) and return at once: the caller keeps working
+    (the rest of backward) while it runs, and calls `.wait()` before reading `tensor`. The tensor
+    must not be touched in between. Same device handling as `all_reduce`."""
+    if not initialized():
+        return Pending(tensor, tensor, None)
+    buf = _on(tensor, comm_device(group))
+    return Pending(tensor, buf, dist.all_reduce(buf, op=op or SUM, group=group, async_op=True))
 
 
 def broadcast(tensor: torch.Tensor, group=None) -> torch.Tensor:

@@ -11,13 +11,15 @@ group of ranks shares a head; W < S, a rank owns several.
     feats, super_logits = model(images)
     sums = trainer.global_weight_sums(...)              # [super, sub, per head] weight sums, all ranks
     sub_term, stats = heads.loss(feats, super_t, sub_t, sub_weight, sums[1], sums[2:])
-    (super_term + sub_term).backward(); heads.sync_grads(); optimizer.step()
+    (super_term + sub_term).backward()                  # head reduces start in here (head_grads.py)
+    heads.sync_grads(); optimizer.step()                # waits for them
 
 Loss convention (the original's gradients, see trainer.py): every rank returns its local
 weighted CE sum scaled by W / (global weight sum), so DDP's average over W ranks gives the trunk
-the gradient of the global batch's weighted mean loss. `sync_grads` sums each head's gradient over
-its group and rescales it to the weighted mean over THAT head's rows: what the original's
-per-group DDP gives a head whose ranks each average the CE over their own rows.
+the gradient of the global batch's weighted mean loss. Each head's gradient is rescaled to the
+weighted mean over THAT head's rows and summed over its group: what the original's per-group DDP
+gives a head whose ranks each average the CE over their own rows. The sums start during backward,
+from gradient hooks (head_grads.py); `sync_grads` waits for them.
 
 Host synchronisation: the one blocking read of a step is the routing's count matrix (the sizes of
 the all_to_all must be known on the host); it also carries every rank's bad-row count, so all
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from . import comm, distributed
 from .ckpt_state import load_param_state, param_state
+from .head_grads import HeadGradSync
 
 HEAD_INIT_STD = 0.01  # DeepCluster's top-layer init: N(0, 0.01), zero bias
 
@@ -85,10 +88,13 @@ class TrunkAndSuperHead(nn.Module):
 
 
 class RoutedHeads(nn.Module):
-    """The sub heads this rank owns, and the all_to_all routing of rows to their owners."""
+    """The sub heads this rank owns, and the all_to_all routing of rows to their owners.
+
+    overlap=False reduces the head gradients after backward instead of during it (for benchmarks)."""
 
     def __init__(self, feature_dim: int, num_heads: int, sub_classes: int,
-                 device: Optional[torch.device] = None, seed: int = 0, loads: Optional[list] = None):
+                 device: Optional[torch.device] = None, seed: int = 0, overlap: bool = True,
+                 loads: Optional[list] = None):
         super().__init__()
         if sub_classes < 1:
             raise ValueError(f"sub_classes must be >= 1, got {sub_classes}")
@@ -111,10 +117,12 @@ class RoutedHeads(nn.Module):
         # buffers, so they move to the device once with the module (a per-step upload would sync)
         self.register_buffer("_table", table, persistent=False)
         self.register_buffer("_sizes", sizes, persistent=False)
-        self._grad_scale: Optional[torch.Tensor] = None  # [S], set by loss(), used by sync_grads()
         if device is not None:
             self.to(device)
         self.reset(seed)
+        shared = {s for s in self.owned if len(self.owners[s]) > 1}  # one-rank heads need no reduce
+        self._grads = HeadGradSync({s: self.heads[str(s)] for s in self.owned}, self._groups, shared,
+                                   self.world, overlap)
 
     def _owner_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[S, max group size] owner ranks (padded with the first owner) and [S] group sizes."""
@@ -221,10 +229,11 @@ class RoutedHeads(nn.Module):
             logits = self.heads[str(s)](x)
             total = total + (F.cross_entropy(logits, sub, reduction="none") * w.to(logits.dtype)).sum()
             correct[s] = (logits.detach().argmax(1) == sub).sum()
-        # sync_grads: from the global mean (what the trunk gets) to each head's own-rows mean;
-        # a head without rows this step gets 0, not 0 * inf
-        self._grad_scale = torch.where(head_weight_sums > 0, weight_sum / head_weight_sums.clamp_min(1e-30),
-                                       torch.zeros_like(head_weight_sums))
+        # the head gradients' scale: from the global mean (what the trunk gets) to each head's
+        # own-rows mean; a head without rows this step gets 0, not 0 * inf
+        scale = torch.where(head_weight_sums > 0, weight_sum / head_weight_sums.clamp_min(1e-30),
+                            torch.zeros_like(head_weight_sums))
+        self._grads.arm(scale, per_head, x_recv)
         return total * (self.world / weight_sum), dict(correct=correct, rows=per_head)
 
     # ------------------------------------------------------------------ gradients and state
@@ -232,18 +241,9 @@ class RoutedHeads(nn.Module):
     def sync_grads(self) -> None:
         """After backward: head s grads := sum over the head's group / W * (global weight sum /
         weight sum of head s) = d(weighted mean CE over head s's rows) / d head s. Every rank must
-        call it after loss(); a head that saw no rows this step contributes zeros."""
-        if self._grad_scale is None:
-            raise RuntimeError("sync_grads() before loss(): no step to synchronise")
-        for s in self.owned:  # ascending on every rank: a group's members reduce in the same order
-            scale = self._grad_scale[s] / self.world  # global sums: the same on every member
-            for p in self.heads[str(s)].parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.mul_(scale)
-                if len(self.owners[s]) > 1:  # in place: no flat copy of a 1.3 GB head gradient
-                    comm.all_reduce(p.grad, self._groups[s])
-        self._grad_scale = None
+        call it after loss(); a head that saw no rows this step contributes zeros. The reduces were
+        started during backward (head_grads.py): this launches any left and waits for all."""
+        self._grads.finish()
 
     def state_dict_owned(self, optimizer=None) -> dict:
         """{head index: state dict} for the heads whose group this rank leads (first owner): over

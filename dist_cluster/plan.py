@@ -214,7 +214,7 @@ def train_row(p: PlanInputs, s: Shape, r: Rates) -> StageRow:
     replicated = s.cost.params + D * s.heads + s.heads  # trunk + super head (DDP)
     head = (D * s.sub + s.sub) if s.sub > 1 else 0  # one sub head (none when k == m)
     gpu = (replicated * 4 * 3 + s.cost.params * 4  # weights, grads, momentum; DDP buckets
-           + s.heads_per_rank * head * 4 * 4  # weights, grads, momentum, sync_grads' flat copy
+           + s.heads_per_rank * head * 4 * 3  # weights, grads, momentum (grads reduced in place)
            + s.rows_per_step * s.cost.act_elems * s.act_bytes * SAVED_COPIES
            + (s.rows_per_step * s.sub * 4 * 2 if head else 0))  # sub logits and their gradient
     ddp = ring(replicated * 4, W)

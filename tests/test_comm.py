@@ -98,6 +98,8 @@ def _comm_on_ranks(rank, world):
     t = torch.tensor([float(rank + 1)])
     out["sum"] = comm.all_reduce(t.clone()).item()
     out["max"] = comm.all_reduce(t.clone(), op=comm.MAX).item()
+    started = [comm.all_reduce_async(t * k) for k in (1.0, 10.0)]  # two in flight at once
+    out["async"] = [p.wait().item() for p in started]
     counts = torch.tensor([rank + 1, 2 * rank + 1], dtype=torch.int64)  # to rank 0, to rank 1
     out["counts"] = comm.exchange_counts(counts).tolist()
     rows = torch.arange(sum(counts.tolist()) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
@@ -116,6 +118,7 @@ def _comm_on_ranks(rank, world):
 def test_comm_collectives_on_two_gloo_ranks():
     r0, r1 = run_ranks(_comm_on_ranks, 2)
     assert r0["sum"] == r1["sum"] == 3.0 and r0["max"] == 2.0
+    assert r0["async"] == r1["async"] == [3.0, 30.0]
     assert r0["counts"] == [1, 2] and r1["counts"] == [1, 3]  # from rank 0, from rank 1
     assert r0["meta_device"] == "meta"
     # rank 0 receives its own first block (1 row) then rank 1's first block (2 rows)
@@ -126,5 +129,6 @@ def test_comm_collectives_on_two_gloo_ranks():
 def test_comm_without_a_process_group_is_the_identity():
     t = torch.tensor([1.0, 2.0])
     assert comm.all_reduce(t) is t and comm.group_size() == 1
+    assert comm.all_reduce_async(t).wait() is t
     rows, counts = comm.all_to_all_rows(torch.ones(3, 2), [3])
     assert counts == [3] and rows.shape == (3, 2)

@@ -37,6 +37,8 @@ def test_comm_collectives_place_tensors_for_nccl(cuda):
     t = torch.tensor([3.0])  # a CPU tensor: NCCL alone would reject it
     assert comm.all_reduce(t) is t and t.item() == 3.0
     assert comm.all_reduce(torch.tensor([2.0], device=cuda), op=comm.MAX).device == cuda
+    started = comm.all_reduce_async(torch.tensor([5.0]))  # CPU in, through CUDA, back at wait()
+    assert started.wait().item() == 5.0 and started.tensor.device == CPU
     assert comm.broadcast(torch.arange(3.0)).tolist() == [0.0, 1.0, 2.0]
     counts = comm.exchange_counts(torch.tensor([4]))
     assert counts.tolist() == [4] and counts.device == CPU
@@ -134,6 +136,37 @@ def test_train_step_on_cuda_matches_the_original(cuda):
         torch.testing.assert_close(got.grad.cpu(), want, rtol=1e-3, atol=1e-5)
     for s in range(4):
         torch.testing.assert_close(heads.heads[str(s)].weight.grad.cpu(), ref["heads"][s][0], rtol=1e-3, atol=1e-5)
+
+
+def _head_grads_through_nccl(device, overlap):
+    """One loss + backward + sync_grads with every owned head's reduce forced through NCCL (world 1
+    has no shared head otherwise); returns the head gradients and the host syncs counted by CUDA in
+    backward + sync_grads (the hooks' launches and the waits)."""
+    from dist_cluster.heads import RoutedHeads
+    heads = RoutedHeads(8, 2, 5, device, seed=0, overlap=overlap)
+    heads._grads.shared = set(heads.owned)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, 8, generator=gen).to(device).requires_grad_()
+    sup, sub = torch.tensor([0, 1, 1, 0, 1, 1], device=device), torch.randint(5, (6,), generator=gen).to(device)
+    w = torch.ones(6, device=device)
+    loss, _ = heads.loss(feats, sup, sub, w, w.sum(), torch.stack([(sup == s).sum() for s in (0, 1)]).double())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss.backward()
+        heads.sync_grads()
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(x.message) for x in caught if "synchroniz" in str(x.message).lower()]
+    return [p.grad.cpu() for p in heads.parameters()], syncs
+
+
+def test_head_reduces_during_backward_through_nccl_without_host_syncs(cuda):
+    overlapped, syncs = _head_grads_through_nccl(cuda, True)
+    blocking, _ = _head_grads_through_nccl(cuda, False)
+    assert syncs == []
+    for a, b in zip(overlapped, blocking):
+        torch.testing.assert_close(a, b)
 
 
 def _smallvgg_run(device, bf16=True, channels_last=True):

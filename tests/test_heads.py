@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_cluster.distributed import ownership
+from dist_cluster.head_grads import HeadGradSync
 from dist_cluster.heads import HEAD_INIT_STD, RoutedHeads, TrunkAndSuperHead
 from dist_cluster.targets import Targets
 from dist_cluster.trainer import PendingStats, sgd, train_step
@@ -52,18 +53,24 @@ def _trunk(seed):
     return trunk
 
 
-def _distributed_step(rank, world, case):
-    """trainer.train_step on this rank's slice; returns its gradients and logged statistics."""
+def _setup(rank, case, overlap=True):
+    """This rank's model, heads, optimisers and slice of the case's batch."""
     num_super, sub_classes, sizes, weighted, seed, skip_head, *loads = case
     x, sup, sub, w_super, w_sub = _case_data(*case[:5], skip_head)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     module = TrunkAndSuperHead(_trunk(seed), num_super, seed=seed)
-    model = DDP(module)
-    heads = RoutedHeads(FEAT_DIM, num_super, sub_classes, seed=seed, loads=loads[0] if loads else None)
-    trunk_opt = sgd(module.trunk.parameters(), CFG.train)
-    head_opt = sgd(list(module.super_head.parameters()) + list(heads.parameters()), CFG.train)
+    heads = RoutedHeads(FEAT_DIM, num_super, sub_classes, seed=seed, overlap=overlap,
+                        loads=loads[0] if loads else None)
+    opts = (sgd(module.trunk.parameters(), CFG.train),
+            sgd(list(module.super_head.parameters()) + list(heads.parameters()), CFG.train))
     targets = Targets(images=x[lo:hi], super_class=sup[lo:hi], sub_local=sub[lo:hi],
                       super_weight=w_super[lo:hi], sub_weight=w_sub[lo:hi])
+    return module, DDP(module), heads, opts, targets
+
+
+def _distributed_step(rank, world, case, overlap=True):
+    """trainer.train_step on this rank's slice; returns its gradients and logged statistics."""
+    module, model, heads, (trunk_opt, head_opt), targets = _setup(rank, case, overlap)
     stats = PendingStats(train_step(model, heads, targets, trunk_opt, head_opt, 0.0, CFG, CPU)).result(world)
     # numpy, not tensors: torch.multiprocessing would pass tensors through shared memory that
     # disappears when the rank exits before the parent has read them
@@ -140,13 +147,15 @@ def _run_cases(rank, world, cases):
 # (S heads, k/m sub classes, rows per rank, weighted, seed, head that never appears or -1)
 CASES_W2 = [(4, 3, [5, 7], False, 0, -1),    # W < S: 2 heads per rank
             (2, 1, [4, 4], True, 2, -1),     # W = S; one sub class: CE 0, still routed
-            (3, 4, [9, 0], True, 1, 1)]      # W < S, uneven; one rank without rows, one head without rows
+            (3, 4, [9, 0], True, 1, 1),      # W < S, uneven; one rank without rows, one head without rows
+            (1, 3, [1, 0], True, 9, -1)]     # W > S: one row, so one member of the head's group has none
 CASES_W4 = [(4, 3, [3, 5, 4, 6], False, 3, -1),  # W = S
             (2, 3, [6, 2, 7, 5], True, 4, -1),   # W > S: groups of 2 ranks per head
             (3, 2, [4, 4, 0, 8], True, 5, 0),    # groups [0], [1], [2, 3]; head 0 never seen
             (8, 3, [5, 6, 7, 9], True, 6, -1),   # W < S
             (2, 3, [6, 2, 7, 5], True, 8, -1, [3, 1]),  # W > S, owners by rows: [0, 1, 2], [3]
-            (8, 3, [5, 6, 7, 9], True, 9, -1, [8, 1, 1, 1, 5, 1, 1, 1])]  # W < S, largest first (LPT)
+            (8, 3, [5, 6, 7, 9], True, 9, -1, [8, 1, 1, 1, 5, 1, 1, 1]),  # W < S, largest first (LPT)
+            (2, 3, [1, 0, 0, 0], True, 10, -1)]   # W > S, one row: one head with rows on one member only
 
 
 def test_train_step_matches_the_original_single_rank():
@@ -173,23 +182,90 @@ def _bad_input_and_checkpoint(rank, world):
     return error, sorted(merged), [len(part) for part in saved], same
 
 
+def _two_heads_one_group(rank, world):
+    """HeadGradSync alone, on a layout `ownership` does not make today: both ranks own heads 0 and 1,
+    over one group. Rank r has rows for head r only, so backward fires the hooks of head 0 on rank 0
+    and of head 1 on rank 1: launched in hook order, rank 0's head 0 would be summed with rank 1's
+    head 1. The ascending rule pairs them right. Returns {head: bias gradient}."""
+    heads = {s: torch.nn.Linear(2, 2) for s in (0, 1)}
+    sync = HeadGradSync(heads, {0: dist.group.WORLD, 1: dist.group.WORLD}, {0, 1}, world)
+    routed = torch.ones(1, 2, requires_grad=True) * 1.0
+    sync.arm(torch.full((2,), float(world)), [int(s == rank) for s in (0, 1)], routed)  # scale / W = 1
+    (heads[rank](routed).sum() * 10 ** rank + routed.sum() * 0.0).backward()
+    sync.finish()
+    return {s: heads[s].bias.grad.tolist() for s in (0, 1)}
+
+
 def _two_rank_checks(rank, world):
-    return _run_cases(rank, world, CASES_W2), _bad_input_and_checkpoint(rank, world)
+    return _run_cases(rank, world, CASES_W2), _bad_input_and_checkpoint(rank, world), _two_heads_one_group(rank, world)
 
 
 def test_two_ranks_match_the_original_bad_targets_and_checkpoint():
-    """One 2-rank run (process start-up dominates): gradients, errors on every rank, checkpoints."""
+    """One 2-rank run (process start-up dominates): gradients, errors on every rank, checkpoints, the
+    order of head reduces over a group shared by two heads."""
     results = run_ranks(_two_rank_checks, 2)
     for case, per_rank in zip(CASES_W2, zip(*[r[0] for r in results])):
         _check(per_rank, case)
     for error, merged_keys, per_rank, same in [r[1] for r in results]:
         assert "1 bad rows over all ranks" in error
         assert merged_keys == [0, 1, 2] and sum(per_rank) == 3 and same
+    for r in results:  # head 0: rank 0's [1, 1] + rank 1's zeros; head 1: zeros + rank 1's [10, 10]
+        assert r[2] == {0: [1.0, 1.0], 1: [10.0, 10.0]}, r[2]
 
 
-def test_four_ranks_match_the_original():
-    for case, results in zip(CASES_W4, zip(*run_ranks(_run_cases, 4, (CASES_W4,)))):
-        _check(results, case)
+def _reduce_order(rank, world, case, overlap):
+    """One train_step recording, in order: each head-gradient reduce started, the trunk's first
+    layer's gradient accumulated (the last of backward), sync_grads called. Also this rank's rows
+    per owned head and its head gradients."""
+    from dist_cluster import comm
+    module, model, heads, (trunk_opt, head_opt), targets = _setup(rank, case, overlap)
+    events, rows, real_reduce, real_loss, real_sync = [], {}, comm.all_reduce_async, heads.loss, heads.sync_grads
+
+    def reduce(tensor, group=None, op=None):
+        events.append("reduce")
+        return real_reduce(tensor, group, op)
+
+    def loss(*args):
+        out = real_loss(*args)
+        rows.update({s: out[1]["rows"][s] for s in heads.owned})
+        return out
+
+    heads.loss, heads.sync_grads = loss, lambda: (events.append("sync"), real_sync())
+    module.trunk.weight.register_post_accumulate_grad_hook(lambda p: events.append("trunk"))
+    comm.all_reduce_async = reduce
+    try:
+        train_step(model, heads, targets, trunk_opt, head_opt, 0.0, CFG, CPU)
+    finally:
+        comm.all_reduce_async = real_reduce
+    return events, rows, {s: [p.grad.numpy() for p in heads.heads[str(s)].parameters()] for s in heads.owned}
+
+
+ONE_ROW = 6  # CASES_W4[6]: one row in all
+
+
+def _four_rank_checks(rank, world):
+    order = {(i, overlap): _reduce_order(rank, world, CASES_W4[i], overlap)
+             for i in (1, ONE_ROW) for overlap in (True, False)}
+    return _run_cases(rank, world, CASES_W4), order
+
+
+def test_four_ranks_match_the_original_and_reduce_heads_during_backward():
+    """Gradients against the original; and with W > S (groups of 2) the head reduces start inside
+    backward, before the trunk's first layer has its gradient, on every member, the one without
+    rows included (case ONE_ROW: a single row, so one member of one group scores it, the other none).
+    overlap=False starts them after backward and ends with the same gradients."""
+    results = run_ranks(_four_rank_checks, 4)
+    for case, per_rank in zip(CASES_W4, zip(*[r[0] for r in results])):
+        _check(per_rank, case)
+    orders = [r[1] for r in results]
+    for i in (1, ONE_ROW):
+        for rank, order in enumerate(orders):
+            (events, rows, grads), (late_events, _, late_grads) = order[(i, True)], order[(i, False)]
+            assert events == ["reduce", "reduce", "trunk", "sync"], (i, rank, events)  # weight, bias
+            assert late_events == ["trunk", "sync", "reduce", "reduce"], (i, rank, late_events)
+            assert all(np.array_equal(a, b) for s in grads for a, b in zip(grads[s], late_grads[s]))
+    rows = {rank: order[(ONE_ROW, True)][1] for rank, order in enumerate(orders)}
+    assert sorted(sum(r.values()) for r in rows.values()) == [0, 0, 0, 1]  # three members without rows
 
 
 def test_sub_head_gradient_is_not_divided_by_the_number_of_heads():

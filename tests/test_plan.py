@@ -84,7 +84,7 @@ def test_small_plan_by_hand():
     assert tr.net_bytes_step == pytest.approx(step_net)
     assert tr.net_bytes_round == pytest.approx(step_net * 25)
     acts = 32 * 28 ** 2 + 64 * 14 ** 2 + 128 * 7 ** 2 + 2 * 256 * 3 ** 2 + 16
-    assert tr.gpu_bytes == pytest.approx(replicated * 12 + SMALL_P * 4 + 2 * head * 16 + 10 * acts * 4 * 2
+    assert tr.gpu_bytes == pytest.approx(replicated * 12 + SMALL_P * 4 + 2 * head * 12 + 10 * acts * 4 * 2
                                          + 10 * 4 * 4 * 2)
     assert tr.storage_bytes == replicated * 8 + 8 * head * 8 + replicated * 8 * 2
     assert tr.seconds_round == pytest.approx(25 * (max(10 / 100, 1.5 * replicated * 4 / 1e9) + 1440 / 1e9))
