@@ -191,11 +191,13 @@ def verdict(summary: list[dict]) -> list[str]:
             if (base, epochs) not in by:
                 continue
             other = by[(base, epochs)]
+            seeds = min(len(ours["seeds"]), len(other["seeds"]))
             for key in VERDICT_KEYS:
                 lead = ours[key]["mean"] - other[key]["mean"]
                 noise = max(ours[key]["std"], other[key]["std"])
-                lines.append(f"{epochs} epochs, {key}: DeeperCluster - {base} = {lead:+.4f} "
-                             f"({'ahead' if lead > noise else 'NOT ahead'} by > 1 std = {noise:.4f})")
+                judged = (f"{'ahead' if lead > noise else 'NOT ahead'} by > 1 std = {noise:.4f}" if seeds > 1
+                          else "one seed: no std, no verdict")
+                lines.append(f"{epochs} epochs, {key}: DeeperCluster - {base} = {lead:+.4f} ({judged})")
         for key in ("linear_top1", "knn_top1"):
             gap = ours[key].get("gap_closed")
             if gap is not None:

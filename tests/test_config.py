@@ -143,6 +143,8 @@ def test_quality_bench_summary_and_verdict():
     lines = quality.verdict(quality.summarize(rows))
     assert any("rotnet" in l and "(ahead" in l for l in lines)
     assert any("deepcluster" in l and "NOT ahead" in l for l in lines)  # lead 0.02 is not > std 0.02
+    one_seed = [r for r in rows if r["seed"] == 0]
+    assert all("no verdict" in l for l in quality.verdict(quality.summarize(one_seed)) if " - " in l)
     plan = quality.plan(SimpleNamespace(methods="random,rotnet,deepercluster,supervised", seeds=[0, 1]))
     assert plan == [("random", 0), ("rotnet", 0), ("deepercluster", 0), ("supervised", 0),
                     ("rotnet", 1), ("deepercluster", 1)]
