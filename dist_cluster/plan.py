@@ -148,12 +148,11 @@ class Shape:
 
 def resident_training_bytes(p: PlanInputs, s: Shape) -> float:
     """GPU bytes the training state keeps through EXTRACT and CLUSTER of every round after the
-    first: rounds.py replaces the heads only after clustering, and the last step's gradients stay
-    (zero_grad comes before the next backward). Trunk + super head: weights, gradients, DDP's
-    buckets, momentum; this rank's sub heads: weights, gradients, momentum."""
+    first: rounds.py (Run.release_training_state) frees the heads, their optimiser and every
+    gradient before extracting; what stays is the trunk + super head's weights, DDP's buckets and
+    the trunk optimiser's momentum (the super head's momentum goes with the head optimiser)."""
     replicated = s.cost.params + p.feature_dim * s.heads + s.heads
-    head = (p.feature_dim * s.sub + s.sub) if s.sub > 1 else 0
-    return replicated * 4 * 4 + s.heads_per_rank * head * 4 * 3
+    return replicated * 4 * 3
 
 
 def memory_inputs(p: PlanInputs, s: Shape) -> MemoryInputs:

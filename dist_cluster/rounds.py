@@ -103,6 +103,7 @@ class Run:
         cfg = self.cfg
         if not self.clusters_needed:
             return None
+        self.release_training_state()
         loader = self.loader(round_idx, train=False)
         wire_start = distributed.loopback_bytes()
         poll = preemption.UnevenLoopPoll()
@@ -162,6 +163,15 @@ class Run:
                                      self.device, seed=seed, loads=self.head_loads(clusters))
             params += list(self.heads.parameters())
         self.head_opt = sgd(params, self.cfg.train)
+
+    def release_training_state(self) -> None:
+        """Before EXTRACT and CLUSTER: the last round's heads and their optimiser are replaced after
+        the clustering anyway (its last save already holds them), and the gradients are rewritten by
+        the next backward: free them, so that the clustering has their GPU memory (a sub head with
+        gradient and momentum is 3.9 GB at the paper's settings)."""
+        self.heads, self.head_opt = None, None
+        for param in self.module.parameters():
+            param.grad = None
 
     def heads_for_round(self, round_idx: int, clusters) -> None:
         """After a re-clustering the targets are new: fresh heads. RotNet and supervised targets never

@@ -56,3 +56,31 @@ def test_classifier_carries_over_only_when_targets_are_fixed(mode, shards, tmp_p
             assert not torch.equal(start1, end0)
         else:
             assert torch.equal(start1, end0)
+
+
+def _state_while_clustering(rank, world, run_dir, shards):
+    """What the run holds on entering CLUSTER in round 1: no heads, no head optimiser, no gradient."""
+    from dist_cluster import rounds
+    seen = []
+    real = rounds.run_clustering
+
+    def recording(*args, **kwargs):
+        run = recording.run
+        seen.append((run.heads is None, run.head_opt is None,
+                     sum(p.grad is not None for p in run.module.parameters())))
+        return real(*args, **kwargs)
+
+    rounds.run_clustering = recording
+    try:
+        recording.run = rounds.Run(small_run_config("deepercluster", run_dir, shards, 2))
+        recording.run.run()
+    finally:
+        rounds.run_clustering = real
+    return seen
+
+
+def test_training_state_is_released_before_the_clustering(shards, tmp_path):
+    """The heads and gradients of round 0 are gone while round 1 clusters (the planner's
+    resident_training_bytes counts only trunk weights, DDP buckets and momentum)."""
+    seen = run_ranks(_state_while_clustering, 1, (tmp_path / "run", shards))[0]
+    assert seen == [(True, True, 0), (True, True, 0)]
