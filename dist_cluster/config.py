@@ -84,6 +84,10 @@ class TrainConfig:
     # RotNet (one cluster: resample draws every image once, = none) and supervised (set to none)
     # ignore it (dist_cluster/targets.py)
     balance: str = "weight"
+    # own_rows: each sub head learns from the mean loss over its own rows (the original's per-group
+    # DDP); global_batch: from its rows' share of the global mean, ~1/S of that (the code before
+    # 2026-11-30; only for the ablation, bench/ablation.py)
+    sub_grad: str = "own_rows"
     bf16: bool = True  # autocast on GPU only
     ckpt_every_steps: int = 200
     # True: a save stalls training only to copy the state to host memory, a thread writes the files
@@ -189,6 +193,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.rotations in (1, 4), "train.rotations", "must be 1 or 4")
     _check(t.rotations > 1 or c.k > 1, "train.rotations", "no rotation and k=1 leaves nothing to predict")
     _check(t.reassign >= 1, "train.reassign", "must be >= 1")
+    _check(t.sub_grad in ("own_rows", "global_batch"), "train.sub_grad", f"own_rows | global_batch, got {t.sub_grad!r}")
     _check(t.balance in ("weight", "resample", "none"), "train.balance", f"weight | resample | none, got {t.balance!r}")
     _check(t.schedule in ("constant", "cosine"), "train.schedule", "constant | cosine")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")

@@ -90,12 +90,18 @@ class TrunkAndSuperHead(nn.Module):
 class RoutedHeads(nn.Module):
     """The sub heads this rank owns, and the all_to_all routing of rows to their owners.
 
-    overlap=False reduces the head gradients after backward instead of during it (for benchmarks)."""
+    overlap=False reduces the head gradients after backward instead of during it (for benchmarks).
+    sub_grad="own_rows" (the original's per-group DDP): head s learns from the weighted mean loss over
+    its own rows; "global_batch": from the sum over its rows divided by the global batch's weight, about
+    1/S of that (this project's code before 2026-11-30, kept for the ablation in bench/ablation.py)."""
 
     def __init__(self, feature_dim: int, num_heads: int, sub_classes: int,
                  device: Optional[torch.device] = None, seed: int = 0, overlap: bool = True,
-                 loads: Optional[list] = None):
+                 loads: Optional[list] = None, sub_grad: str = "own_rows"):
         super().__init__()
+        if sub_grad not in ("own_rows", "global_batch"):
+            raise ValueError(f"sub_grad must be own_rows or global_batch, got {sub_grad!r}")
+        self.own_rows_mean = sub_grad == "own_rows"
         if sub_classes < 1:
             raise ValueError(f"sub_classes must be >= 1, got {sub_classes}")
         if not dist.is_initialized():
@@ -233,6 +239,8 @@ class RoutedHeads(nn.Module):
         # own-rows mean; a head without rows this step gets 0, not 0 * inf
         scale = torch.where(head_weight_sums > 0, weight_sum / head_weight_sums.clamp_min(1e-30),
                             torch.zeros_like(head_weight_sums))
+        if not self.own_rows_mean:  # the ablation: keep the global batch's mean
+            scale = (head_weight_sums > 0).to(scale.dtype)
         self._grads.arm(scale, per_head, x_recv)
         return total * (self.world / weight_sum), dict(correct=correct, rows=per_head)
 

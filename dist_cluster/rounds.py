@@ -160,7 +160,8 @@ class Run:
         self.heads = None
         if self.sub_classes > 1:
             self.heads = RoutedHeads(self.module.trunk.feature_dim, self.num_super, self.sub_classes,
-                                     self.device, seed=seed, loads=self.head_loads(clusters))
+                                     self.device, seed=seed, loads=self.head_loads(clusters),
+                                     sub_grad=self.cfg.train.sub_grad)
             params += list(self.heads.parameters())
         self.head_opt = sgd(params, self.cfg.train)
 

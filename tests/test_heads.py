@@ -53,14 +53,14 @@ def _trunk(seed):
     return trunk
 
 
-def _setup(rank, case, overlap=True):
+def _setup(rank, case, overlap=True, sub_grad="own_rows"):
     """This rank's model, heads, optimisers and slice of the case's batch."""
     num_super, sub_classes, sizes, weighted, seed, skip_head, *loads = case
     x, sup, sub, w_super, w_sub = _case_data(*case[:5], skip_head)
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     module = TrunkAndSuperHead(_trunk(seed), num_super, seed=seed)
     heads = RoutedHeads(FEAT_DIM, num_super, sub_classes, seed=seed, overlap=overlap,
-                        loads=loads[0] if loads else None)
+                        loads=loads[0] if loads else None, sub_grad=sub_grad)
     opts = (sgd(module.trunk.parameters(), CFG.train),
             sgd(list(module.super_head.parameters()) + list(heads.parameters()), CFG.train))
     targets = Targets(images=x[lo:hi], super_class=sup[lo:hi], sub_local=sub[lo:hi],
@@ -68,9 +68,9 @@ def _setup(rank, case, overlap=True):
     return module, DDP(module), heads, opts, targets
 
 
-def _distributed_step(rank, world, case, overlap=True):
+def _distributed_step(rank, world, case, overlap=True, sub_grad="own_rows"):
     """trainer.train_step on this rank's slice; returns its gradients and logged statistics."""
-    module, model, heads, (trunk_opt, head_opt), targets = _setup(rank, case, overlap)
+    module, model, heads, (trunk_opt, head_opt), targets = _setup(rank, case, overlap, sub_grad)
     stats = PendingStats(train_step(model, heads, targets, trunk_opt, head_opt, 0.0, CFG, CPU)).result(world)
     # numpy, not tensors: torch.multiprocessing would pass tensors through shared memory that
     # disappears when the rank exits before the parent has read them
@@ -280,3 +280,24 @@ def test_sub_head_gradient_is_not_divided_by_the_number_of_heads():
         old = ref["heads"][s][0] * share  # what sum-over-rows / global-batch gives
         assert _close(got["heads"][s][0], ref["heads"][s][0])
         assert not np.allclose(got["heads"][s][0], old.numpy(), atol=1e-6)
+
+
+def _global_batch_steps(rank, world, cases):
+    return [_distributed_step(rank, world, case, sub_grad="global_batch") for case in cases]
+
+
+def test_the_ablation_scale_gives_each_sub_head_its_share_of_the_global_mean():
+    """train.sub_grad=global_batch (bench/ablation.py): head s gets the original's gradient times its
+    rows' share of the batch weight, sum_{i in s} w_i / sum_i w_i (the code before the fix); the trunk
+    and the super head are unchanged. 2 ranks, W < S and W = S, weighted."""
+    cases = [CASES_W2[0], CASES_W2[1], CASES_W2[2]]
+    results = run_ranks(_global_batch_steps, 2, (cases,))
+    for case, per_rank in zip(cases, zip(*results)):
+        ref = _reference(case)
+        _, sup, _, _, w_sub = _case_data(*case[:5], case[5])
+        for r in per_rank:
+            assert all(_close(a, b) for a, b in zip(r["trunk"], ref["trunk"])), case
+            assert all(_close(a, b) for a, b in zip(r["super"], ref["super"])), case
+            for s, grads in r["heads"].items():
+                share = float(w_sub[sup == s].sum() / w_sub.sum())
+                assert all(_close(a, b * share) for a, b in zip(grads, ref["heads"][s])), (case, s)

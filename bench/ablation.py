@@ -1,0 +1,132 @@
+"""Ablation of DeeperCluster on Fashion-MNIST: one knob at a time, against the verdict's DeeperCluster
+(bench/quality.py, mean ± std over its seeds at the same epochs), to show what moves it against
+DeepCluster and RotNet.
+
+    python bench/ablation.py                                   # 2 epochs, seed 0, every variant: ~50 min here
+    python bench/ablation.py --epochs 10 --variants resample,m1 --seed 1
+
+Each variant is `bench/quality.py`'s DeeperCluster run (same config, same evaluation: linear probe and
+kNN on all 60k train images, k-means k=10 NMI on the test split) with the variant's overrides added,
+kept under bench/runs/ablation/<variant>/. The baseline rows come from bench/results/quality.json (run
+the verdict first; its 2-epoch rows are its round copies after epoch 2, the trunk a 2-epoch run ends
+with). "delta / std": the variant's minus the baseline's mean, in units of the baseline's seed std
+(|x| > 1: outside the seed-to-seed spread). Writes bench/results/ablation.json after every variant;
+--resume continues it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality  # noqa: E402  (bench/quality.py: the same training and evaluation commands)
+
+# variant -> overrides; each changes one thing of configs/fmnist.yaml (k=100, m=2, reassign=1,
+# balance=weight, one random rotation per image, sub heads learning from their own rows' mean)
+VARIANTS = {
+    "resample": ["train.balance=resample"],          # the original's sampler instead of loss weights
+    "balance-none": ["train.balance=none"],          # no balancing: big clusters dominate
+    "sub-grad-global": ["train.sub_grad=global_batch"],  # the pre-fix 1/S sub-head gradient
+    "k20": ["cluster.k=20"],                         # 10 sub-clusters per super-cluster
+    "k400": ["cluster.k=400"],                       # 200 per super-cluster
+    "m1": ["cluster.m=1"],                           # no hierarchy: rotation head x one sub head of k
+    "m4": ["cluster.m=4"],                           # 4 super-clusters of 25
+    "reassign2": ["train.reassign=2"],               # re-cluster every 2 epochs
+    # all 4 rotations of every image, at the same compute: a quarter of the images per step
+    "all-rotations": ["train.all_rotations=true", "data.batch_size=32"],
+}
+KEYS = quality.VERDICT_KEYS
+
+
+def baseline(path: Path, epochs: int) -> dict:
+    """{method: summary entry} at `epochs` from the verdict's quality.json."""
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run the verdict first (bench/quality.py --epochs 10 --also-epochs 2 ...)")
+    summary = json.loads(path.read_text())["summary"]
+    found = {e["method"]: e for e in summary if e["epochs"] == epochs}
+    if "deepercluster" not in found:
+        raise SystemExit(f"{path} has no DeeperCluster row at {epochs} epochs")
+    return found
+
+
+def run_variant(name: str, args) -> dict:
+    """One DeeperCluster run with the variant's overrides, evaluated like the verdict's runs."""
+    ns = SimpleNamespace(epochs=args.epochs, also_epochs=[], nproc=args.nproc, config=args.config,
+                         train=args.train, test=args.test, max_train=0, layer_dims=0,
+                         runs=str(Path(args.runs) / name), overrides=VARIANTS[name])
+    row = quality.train_and_eval("deepercluster", ns, args.seed)[0]
+    row.update(variant=name, overrides=VARIANTS[name])
+    return row
+
+
+def deltas(row: dict, base: dict) -> dict:
+    """(variant - baseline mean) / baseline std per metric (None with one baseline seed)."""
+    out = {}
+    for key in KEYS:
+        std = base[key]["std"]
+        out[key] = (row[key] - base[key]["mean"]) / std if std > 0 else None
+    return out
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}"
+
+
+def print_table(rows: list[dict], ref: dict) -> None:
+    print("\n| variant | overrides | linear top-1 | kNN top-1 | NMI k=10 | delta / std (linear, kNN, NMI) | train s |")
+    print("|---|---|---|---|---|---|---|")
+    for method in ("deepercluster", "deepcluster", "rotnet"):
+        if method in ref:
+            e = ref[method]
+            cells = " | ".join(f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" for k in KEYS)
+            print(f"| {method} (verdict, {len(e['seeds'])} seeds) | - | {cells} | - | - |")
+    for row in rows:
+        d = deltas(row, ref["deepercluster"])
+        cells = " | ".join(f"{row[k]:.4f}" for k in KEYS)
+        print(f"| {row['variant']} | {' '.join(row['overrides'])} | {cells} | "
+              f"{', '.join(fmt(d[k]) for k in KEYS)} | {row['train_seconds']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--config", default="configs/fmnist.yaml")
+    parser.add_argument("--train", default=str(ROOT / "data" / "fmnist" / "train"))
+    parser.add_argument("--test", default=str(ROOT / "data" / "fmnist" / "test"))
+    parser.add_argument("--runs", default=str(ROOT / "bench" / "runs" / "ablation"))
+    parser.add_argument("--baseline", default=str(ROOT / "bench" / "results" / "quality.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation.json"))
+    parser.add_argument("--resume", action="store_true", help="keep the variants already in --out")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    settings = {"epochs": args.epochs, "seed": args.seed, "nproc": args.nproc, "config": args.config}
+    out = Path(args.out)
+    rows: list[dict] = []
+    if args.resume and out.exists():
+        stored = json.loads(out.read_text())
+        if stored["settings"] != settings:
+            raise SystemExit(f"--resume: {out} was written with {stored['settings']}, not {settings}")
+        rows = stored["rows"]
+    for name in names:
+        if not any(r["variant"] == name for r in rows):
+            rows.append(run_variant(name, args))
+        ref = baseline(Path(args.baseline), args.epochs)  # re-read: the verdict may still be adding seeds
+        print_table(rows, ref)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"settings": settings, "baseline": ref, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
