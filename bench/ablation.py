@@ -4,6 +4,7 @@ DeepCluster and RotNet.
 
     python bench/ablation.py                                   # 2 epochs, seed 0, every variant: ~50 min here
     python bench/ablation.py --epochs 10 --variants resample,m1 --seed 1
+    python bench/ablation.py --method deepcluster --variants resample,balance-none   # the same knob on a baseline
 
 Each variant is `bench/quality.py`'s DeeperCluster run (same config, same evaluation: linear probe and
 kNN on all 60k train images, k-means k=10 NMI on the test split) with the variant's overrides added,
@@ -40,17 +41,19 @@ VARIANTS = {
     # all 4 rotations of every image, at the same compute: a quarter of the images per step
     "all-rotations": ["train.all_rotations=true", "data.batch_size=32"],
 }
+# DeepCluster (m = 1, no rotation): the knobs it has, to tell a DeeperCluster effect from a shared one
+DEEPCLUSTER_VARIANTS = ("resample", "balance-none", "k20", "k400", "reassign2")
 KEYS = quality.VERDICT_KEYS
 
 
-def baseline(path: Path, epochs: int) -> dict:
+def baseline(path: Path, epochs: int, method: str) -> dict:
     """{method: summary entry} at `epochs` from the verdict's quality.json."""
     if not path.exists():
         raise SystemExit(f"{path} not found: run the verdict first (bench/quality.py --epochs 10 --also-epochs 2 ...)")
     summary = json.loads(path.read_text())["summary"]
     found = {e["method"]: e for e in summary if e["epochs"] == epochs}
-    if "deepercluster" not in found:
-        raise SystemExit(f"{path} has no DeeperCluster row at {epochs} epochs")
+    if method not in found:
+        raise SystemExit(f"{path} has no {method} row at {epochs} epochs")
     return found
 
 
@@ -59,7 +62,7 @@ def run_variant(name: str, args) -> dict:
     ns = SimpleNamespace(epochs=args.epochs, also_epochs=[], nproc=args.nproc, config=args.config,
                          train=args.train, test=args.test, max_train=0, layer_dims=0,
                          runs=str(Path(args.runs) / name), overrides=VARIANTS[name])
-    row = quality.train_and_eval("deepercluster", ns, args.seed)[0]
+    row = quality.train_and_eval(args.method, ns, args.seed)[0]
     row.update(variant=name, overrides=VARIANTS[name])
     return row
 
@@ -77,7 +80,7 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}"
 
 
-def print_table(rows: list[dict], ref: dict) -> None:
+def print_table(rows: list[dict], ref: dict, method: str) -> None:
     print("\n| variant | overrides | linear top-1 | kNN top-1 | NMI k=10 | delta / std (linear, kNN, NMI) | train s |")
     print("|---|---|---|---|---|---|---|")
     for method in ("deepercluster", "deepcluster", "rotnet"):
@@ -86,7 +89,7 @@ def print_table(rows: list[dict], ref: dict) -> None:
             cells = " | ".join(f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" for k in KEYS)
             print(f"| {method} (verdict, {len(e['seeds'])} seeds) | - | {cells} | - | - |")
     for row in rows:
-        d = deltas(row, ref["deepercluster"])
+        d = deltas(row, ref[method])
         cells = " | ".join(f"{row[k]:.4f}" for k in KEYS)
         print(f"| {row['variant']} | {' '.join(row['overrides'])} | {cells} | "
               f"{', '.join(fmt(d[k]) for k in KEYS)} | {row['train_seconds']:.0f} |")
@@ -96,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="deepercluster", choices=("deepercluster", "deepcluster"))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--config", default="configs/fmnist.yaml")
@@ -103,15 +107,24 @@ def main() -> None:
     parser.add_argument("--test", default=str(ROOT / "data" / "fmnist" / "test"))
     parser.add_argument("--runs", default=str(ROOT / "bench" / "runs" / "ablation"))
     parser.add_argument("--baseline", default=str(ROOT / "bench" / "results" / "quality.json"))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/ablation[-<method>].json")
     parser.add_argument("--resume", action="store_true", help="keep the variants already in --out")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if args.method == "deepcluster" and args.variants == ",".join(VARIANTS):
+        names = list(DEEPCLUSTER_VARIANTS)
+    moot = [n for n in names if args.method == "deepcluster" and n not in DEEPCLUSTER_VARIANTS]
+    if moot:
+        raise SystemExit(f"{moot}: DeepCluster has no super-clusters, sub heads or rotations; "
+                         f"its variants: {', '.join(DEEPCLUSTER_VARIANTS)}")
     settings = {"epochs": args.epochs, "seed": args.seed, "nproc": args.nproc, "config": args.config}
-    out = Path(args.out)
+    if args.method != "deepercluster":
+        settings["method"] = args.method
+    suffix = "" if args.method == "deepercluster" else f"-{args.method}"
+    out = Path(args.out or ROOT / "bench" / "results" / f"ablation{suffix}.json")
     rows: list[dict] = []
     if args.resume and out.exists():
         stored = json.loads(out.read_text())
@@ -121,8 +134,8 @@ def main() -> None:
     for name in names:
         if not any(r["variant"] == name for r in rows):
             rows.append(run_variant(name, args))
-        ref = baseline(Path(args.baseline), args.epochs)  # re-read: the verdict may still be adding seeds
-        print_table(rows, ref)
+        ref = baseline(Path(args.baseline), args.epochs, args.method)  # re-read: the verdict may still be adding seeds
+        print_table(rows, ref, args.method)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"settings": settings, "baseline": ref, "rows": rows}, indent=1))
     print(f"wrote {out}")
