@@ -38,7 +38,8 @@ VARIANTS = {
     "m1": ["cluster.m=1"],                           # no hierarchy: rotation head x one sub head of k
     "m4": ["cluster.m=4"],                           # 4 super-clusters of 25
     "reassign2": ["train.reassign=2"],               # re-cluster every 2 epochs
-    # all 4 rotations of every image, at the same compute: a quarter of the images per step
+    # all 4 rotations of every image, the same rows per step (a quarter of the images): 4 x the steps,
+    # so 4 x the compute of an epoch; compare it with the verdict's longer runs
     "all-rotations": ["train.all_rotations=true", "data.batch_size=32"],
 }
 # DeepCluster (m = 1, no rotation): the knobs it has, to tell a DeeperCluster effect from a shared one
