@@ -84,11 +84,11 @@ def fmt(value: float | None) -> str:
 def print_table(rows: list[dict], ref: dict, method: str) -> None:
     print("\n| variant | overrides | linear top-1 | kNN top-1 | NMI k=10 | delta / std (linear, kNN, NMI) | train s |")
     print("|---|---|---|---|---|---|---|")
-    for method in ("deepercluster", "deepcluster", "rotnet"):
-        if method in ref:
-            e = ref[method]
+    for name in ("deepercluster", "deepcluster", "rotnet"):
+        if name in ref:
+            e = ref[name]
             cells = " | ".join(f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" for k in KEYS)
-            print(f"| {method} (verdict, {len(e['seeds'])} seeds) | - | {cells} | - | - |")
+            print(f"| {name} (verdict, {len(e['seeds'])} seeds) | - | {cells} | - | - |")
     for row in rows:
         d = deltas(row, ref[method])
         cells = " | ".join(f"{row[k]:.4f}" for k in KEYS)

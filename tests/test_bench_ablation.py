@@ -35,3 +35,13 @@ def test_deltas_are_in_baseline_std_units():
     d = ablation.deltas(row, base)
     assert d["linear_top1"] == pytest.approx(3.0) and d["knn_top1"] == pytest.approx(-1.0)
     assert d["nmi_k10"] is None
+
+
+def test_the_table_measures_against_the_ablated_method(capsys):
+    ref = {m: {k: {"mean": mean, "std": 0.01} for k in ablation.KEYS}
+           for m, mean in (("deepercluster", 0.5), ("deepcluster", 0.6), ("rotnet", 0.7))}
+    ref = {m: dict(e, seeds=[0, 1]) for m, e in ref.items()}
+    row = {"variant": "balance-none", "overrides": ["train.balance=none"], "train_seconds": 1.0,
+           **{k: 0.61 for k in ablation.KEYS}}
+    ablation.print_table([row], ref, "deepcluster")
+    assert "+1.0, +1.0, +1.0" in capsys.readouterr().out
