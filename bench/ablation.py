@@ -126,6 +126,7 @@ def main() -> None:
         settings["method"] = args.method
     suffix = "" if args.method == "deepercluster" else f"-{args.method}"
     out = Path(args.out or ROOT / "bench" / "results" / f"ablation{suffix}.json")
+    baseline(Path(args.baseline), args.epochs, args.method)  # a missing verdict fails now, not after a run
     rows: list[dict] = []
     if args.resume and out.exists():
         stored = json.loads(out.read_text())
