@@ -121,7 +121,7 @@ def init(backend: str = "auto", timeout_s: int = 600, device: str = "auto") -> D
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=attempt_store(world, timeout),
-                            device_id=dev if dev.type == "cuda" else None)
+                            device_id=dev if backend == "nccl" else None)  # NCCL's eager init only
     _ENV = DistEnv(rank, world, local_rank, dev, backend)
     return _ENV
 

@@ -2,9 +2,10 @@
 
 Why: a rank's local batch can be dominated by one rotation or super-cluster, so local batch
 statistics leak the label; the trunk must normalise with the statistics of the global batch.
-torch's nn.SyncBatchNorm refuses CPU tensors, so on CPU (gloo) we use `DistBatchNorm`: per-channel
-sum, sum of squares and count reduced with the autograd-aware all_reduce, so gradients flow through
-the statistics exactly as in a single process holding the whole batch.
+torch's nn.SyncBatchNorm refuses CPU tensors and reduces through the default group itself, so
+wherever the group is not NCCL (gloo on CPU, or gloo with dist.device=cuda: ranks sharing one GPU)
+we use `DistBatchNorm`: per-channel sum, sum of squares and count reduced with the autograd-aware
+all_reduce, so gradients flow through the statistics exactly as in one process holding the batch.
 
     model = convert_sync_batchnorm(model, device)   # before DDP
 """
@@ -55,8 +56,9 @@ class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm layer synchronised over the default group (torch's SyncBN on GPU, ours on CPU)."""
-    if device.type == "cuda":
+    """Every BatchNorm layer synchronised over the default group (torch's SyncBN under NCCL, ours
+    otherwise: its reduce goes through comm, which moves the statistics to the group's device)."""
+    if device.type == "cuda" and comm.comm_device().type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _convert_cpu(module)
 

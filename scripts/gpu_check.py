@@ -1,212 +1,223 @@
-"""The one-call proof of the GPU path (run by scripts/gpu_check.sh on a lent GPU machine).
+"""The one-call proof of the GPU path, under a hard deadline (run by scripts/gpu_check.sh).
 
-    bash scripts/gpu_check.sh              # on the GPU machine: runs every step, JSON under $OUT
-    bash scripts/gpu_check.sh --dry-run    # anywhere: prints the steps, checks wheels and files
+On a lent GPU machine, through the device tool (its limits: 10 min a command, 15 min of device time
+in all, machine start included; at most 8 files back from $OUT):
 
-Steps (each a subprocess with its own time limit; a failed step is recorded, the next still runs):
-  pytest     `pytest -m gpu tests`: NCCL at world size 1 through every collective, CUDA == CPU
-             results, nvjpeg decoding (tests/test_gpu.py, tests/test_decode.py)
-  smoke      torchrun --nproc_per_node 1 on synthetic shards with dist.device=cuda; again with
-             model.compile=true; a third run killed with -9 mid-training and resumed: its final
-             losses against the uninterrupted run's
-  kmeans     bench/kmeans.py --device cuda (1M x 256 -> 20k, 25 iterations; fp32 and TF32)
-  train      bench/train.py: VGG-16-BN at 224 px, bf16, img/s per GPU, pipeline / model-only, with
-             CPU and GPU JPEG decoding, on synthetic JPEG shards it builds itself
-Writes OUT/gpu_check.json (per step: rc, seconds, key numbers, output tail) and the benches' JSON.
+    run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
+        # .whl/: webdataset, omegaconf, submitit, braceexpand (bash scripts/gpu_wheels.sh, here, first)
+
+    bash scripts/gpu_check.sh --dry-run              # anywhere: the steps, their budgets, wheels, files
+    python scripts/gpu_check.py --device cpu         # the whole check rehearsed on CPU (same limits)
+
+Steps run in order of value (scripts/gpu_steps.py): first the cheapest proofs that the GPU path runs
+at all, then the kill/resume and 2-rank checks, then k-means and training throughput, then memory,
+then torch.compile. A step whose typical time (`expect_s`) no longer fits before the deadline
+(--deadline, default 540 s from the shell's start) is skipped and reported so; a step that runs
+past its own limit or the deadline is killed with its whole process tree (torchrun's ranks run in
+sessions of their own: tests/processes.py finds them by an environment tag) and reported as
+`timeout`. SIGTERM/SIGINT do the same for the step in flight and write what there is.
+
+What comes back (2 files, rewritten after every step, so a cut-off call still returns them):
+    $OUT/gpu_check.json        schema dist_cluster.gpu_check/1: per step status (ok | failed |
+                               timeout | skipped | error), seconds, limit, numbers, checks, log tail
+    $OUT/gpu_check_logs.tar.gz every step's full log, bench JSON, runs' metrics.jsonl (logs cut to
+                               their last 2 MiB)
+The console ends with one line per step (the device tool returns the last 12,000 characters).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import shlex
+import platform
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-SMOKE = ["launch/train.py", "--config", "configs/smoke.yaml", "train.epochs=2"]
-TRAIN_BENCH = ["bench/train.py", "--synthetic-jpeg", "4096", "--decode", "cpu,device", "--world", "1",
-               "--steps", "20", "--warmup", "5", "--threads", "8", "model.arch=vgg16_bn", "model.sobel=true",
-               "data.image_size=224", "data.resize=256", "data.batch_size=64", "data.num_workers=12",
-               "data.shuffle_buffer=256", "cluster.k=320", "cluster.m=4", "cluster.pca_dim=256",
-               "dist.device=cuda", "train.bf16=true"]
-NEEDED_FILES = ["tests/test_gpu.py", "configs/smoke.yaml", "launch/train.py", "bench/kmeans.py",
-                "bench/train.py", "tests/shard_fixtures.py", "scripts/gpu_wheels.txt"]
+sys.path.insert(0, str(ROOT))
+
+from scripts.gpu_steps import STEPS, Ctx, StepFailed, StepTimeout  # noqa: E402
+
+SCHEMA = "dist_cluster.gpu_check/1"
+STATUSES = ("ok", "failed", "timeout", "skipped", "error", "pending")
+JSON_NAME, TAR_NAME = "gpu_check.json", "gpu_check_logs.tar.gz"
+MAX_FILES = 8  # the device tool returns at most 8 files from $OUT
+TAIL_CHARS = 2000  # of a step's log, in the JSON
+LOG_KEEP_BYTES = 2 << 20  # of each file in the tarball (the tool's limit: 16 MiB a file)
+MARGIN_S = 8.0  # kept back from the deadline: kill, tar and write after the last step
 
 
-def torchrun(args: list[str]) -> list[str]:
-    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args]
+class Check:
+    """The state of one call: the record written to $OUT after every step."""
 
+    def __init__(self, out: Path, work: Path, device: str, deadline_s: float, started_at: float):
+        self.out, self.work, self.device = out, work, device
+        self.deadline = time.monotonic() + deadline_s - (time.time() - started_at)
+        self.record = {"schema": SCHEMA, "status": "running", "device_mode": device, "deadline_s": deadline_s,
+                       "started_at": started_at, "work": str(work), "env": {}, "steps": [],
+                       "files": [JSON_NAME, TAR_NAME]}
+        self.ctx = Ctx(work=work, logs=work / "logs", device=device, deadline=self.deadline - MARGIN_S)
 
-def run(cmd: list[str], limit: int, log: Path, env: dict | None = None) -> dict:
-    """Run one command with a time limit; returns rc, seconds and the output's tail."""
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    def remaining(self) -> float:
+        return self.deadline - MARGIN_S - time.monotonic()
+
+    def run_step(self, step) -> dict:
+        entry = {"name": step.name, "what": step.what, "status": "pending", "expect_s": step.expect_s,
+                 "limit_s": step.limit_s, "seconds": 0.0, "numbers": {}, "checks": {}, "reason": "", "tail": ""}
+        self.record["steps"].append(entry)
+        left = self.remaining()
+        if left < step.expect_s:
+            entry.update(status="skipped", reason=f"needs ~{step.expect_s:.0f} s, {max(left, 0):.0f} s left "
+                                                  "before the deadline")
+            return entry
+        self.ctx.begin(step.name, min(step.limit_s, left))
+        start = time.monotonic()
         try:
-            rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = "timeout"
-    text = log.read_text(errors="replace")
-    return {"cmd": shlex.join(cmd), "rc": rc, "seconds": round(time.perf_counter() - start, 1),
-            "tail": text[-1500:]}
+            entry["numbers"] = step.fn(self.ctx) or {}
+            entry["status"] = "ok"
+        except StepTimeout as err:
+            entry.update(status="timeout", reason=str(err))
+        except StepFailed as err:
+            entry.update(status="failed", reason=str(err))
+        except Exception as err:  # noqa: BLE001 - a broken step is a result; the others still run
+            entry.update(status="error", reason=f"{type(err).__name__}: {err}")
+        finally:
+            self.ctx.kill_all()  # nothing of this step outlives it
+        entry["numbers"] = {**self.ctx.numbers, **entry["numbers"]}
+        entry["checks"] = dict(self.ctx.checks)
+        if entry["status"] == "ok" and not all(self.ctx.checks.values()):
+            entry.update(status="failed", reason="checks failed: " + ", ".join(
+                name for name, ok in self.ctx.checks.items() if not ok))
+        entry["seconds"] = round(time.monotonic() - start, 1)
+        entry["tail"] = self.ctx.tail(TAIL_CHARS)
+        return entry
+
+    def write(self) -> None:
+        """gpu_check.json and the log tarball, each replaced atomically."""
+        self.record["elapsed_s"] = round(self.record["deadline_s"] - (self.deadline - time.monotonic()), 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / f".{TAR_NAME}.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in sorted(self.work.rglob("*")):
+                if path.is_file() and _bundled(path):
+                    _add_tail(tar, path, path.relative_to(self.work))
+        os.replace(tmp, self.out / TAR_NAME)
+        tmp = self.out / f".{JSON_NAME}.tmp"
+        tmp.write_text(json.dumps(self.record, indent=1, default=str))
+        os.replace(tmp, self.out / JSON_NAME)
 
 
-def events(run_dir: Path, stage: str) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written when we read
-            pass
-    return [r for r in records if r.get("stage") == stage]
+def _bundled(path: Path) -> bool:
+    """Logs, JSON results and run records; not shards, checkpoints or features."""
+    return path.suffix in (".log", ".json", ".jsonl", ".xml", ".yaml", ".txt") and "shards" not in path.parts
 
 
-def final_losses(run_dir: Path) -> list[list[float]]:
-    return [[e["loss_super"], e["loss_sub"]] for e in events(run_dir, "epoch")]
+def _add_tail(tar: tarfile.TarFile, path: Path, name: Path) -> None:
+    data = path.read_bytes()
+    if len(data) > LOG_KEEP_BYTES:
+        data = b"[... cut: first %d bytes]\n" % (len(data) - LOG_KEEP_BYTES) + data[-LOG_KEEP_BYTES:]
+    info = tarfile.TarInfo(str(name))
+    info.size, info.mtime = len(data), int(path.stat().st_mtime)
+    tar.addfile(info, io.BytesIO(data))
 
 
-def step_pytest(out: Path) -> dict:
-    res = run([PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
-               f"--junitxml={out / 'pytest_gpu.xml'}"], 240, out / "pytest_gpu.log")
-    res["summary"] = res["tail"].strip().splitlines()[-1] if res["tail"].strip() else ""
-    return res
+def environment(device: str) -> dict:
+    import torch
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available(), "host": platform.node(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    try:
+        env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                            "--format=csv,noheader"], capture_output=True, text=True,
+                                           timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        env["nvidia_smi"] = None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: --device cuda but torch sees no CUDA device (use --device cpu to rehearse)")
+    return env
 
 
-def build_smoke_shards(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from tests.shard_fixtures import make_shards  # random 28 px PNGs with labels: no dataset needed
-    if not (folder / "manifest.json").exists():
-        make_shards(folder, 8, 150, size=28)
-    return folder
-
-
-def kill_when_training(cmd: list[str], run_dir: Path, log: Path, limit: int) -> dict:
-    """Start a run, SIGKILL its process group once it has a checkpoint inside round 1's training."""
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        killed_at = None
-        while proc.poll() is None and time.perf_counter() - start < limit:
-            if any(e.get("round") == 1 for e in events(run_dir, "train")):
-                killed_at = time.perf_counter() - start
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.2)
-        proc.wait()
-    return {"killed_after_s": killed_at, "rc": proc.returncode}
-
-
-def step_smoke(out: Path, work: Path, device: str = "cuda") -> dict:
-    """device=cpu rehearses this step on a machine without a GPU (the kill/resume logic too)."""
-    shards = build_smoke_shards(work / "shards")
-    smoke = SMOKE + [f"dist.device={device}"]
-    result = {}
-    for name, extra in (("plain", []), ("compiled", ["model.compile=true"])):
-        run_dir = work / name
-        res = run(torchrun(smoke + [f"run_dir={run_dir}", f"data.train={shards}"] + extra), 240,
-                  out / f"smoke_{name}.log")
-        res["losses"] = final_losses(run_dir) if res["rc"] == 0 else None
-        result[name] = res
-    killed_dir = work / "killed"
-    cmd = torchrun(smoke + [f"run_dir={killed_dir}", f"data.train={shards}"])
-    result["kill"] = kill_when_training(cmd, killed_dir, out / "smoke_killed.log", 240)
-    resumed = run(cmd, 240, out / "smoke_resumed.log")
-    resumed["losses"] = final_losses(killed_dir) if resumed["rc"] == 0 else None
-    result["resumed"] = resumed
-    plain = result["plain"]["losses"]
-    if plain and resumed["losses"]:
-        result["resume_max_abs_loss_diff"] = max(abs(a - b) for x, y in zip(plain, resumed["losses"][-len(plain):])
-                                                 for a, b in zip(x, y))
-    return result
-
-
-def step_kmeans(out: Path) -> dict:
-    result = {}
-    for name, extra in (("fp32", []), ("tf32", ["--tf32"])):
-        json_out = out / f"kmeans_{name}.json"
-        res = run([PY, "bench/kmeans.py", "--device", "cuda", "--out", str(json_out), *extra], 150,
-                  out / f"kmeans_{name}.log")
-        if json_out.exists():
-            table = json.loads(json_out.read_text())["table"]
-            res["total_s"] = [row["total_s"] for row in table]
-        result[name] = res
-    return result
-
-
-def step_train(out: Path) -> dict:
-    json_out = out / "train_vgg16.json"
-    res = run([PY, *TRAIN_BENCH, "--out", str(json_out)], 300, out / "train_vgg16.log")
-    if json_out.exists():
-        res["bench"] = json.loads(json_out.read_text())
-    return res
-
-
-STEPS = {"pytest": step_pytest, "smoke": step_smoke, "kmeans": step_kmeans, "train": step_train}
+def summary_line(entry: dict) -> str:
+    numbers = json.dumps(entry["numbers"], default=str, separators=(",", ":"))
+    if len(numbers) > 600:
+        numbers = numbers[:600] + "...(gpu_check.json has all)"
+    reason = f" | {entry['reason'][:300]}" if entry["reason"] else ""
+    return f"{entry['name']:<15}{entry['status']:<8}{entry['seconds']:>7.1f} s  {numbers}{reason}"
 
 
 def dry_run(wheels: Path) -> int:
-    problems = [f"missing file {f}" for f in NEEDED_FILES if not (ROOT / f).exists()]
-    check = subprocess.run(["bash", "scripts/gpu_wheels.sh", "--check"], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "GPU_WHEELS_DIR": str(wheels)})
-    if check.returncode != 0:
-        problems.append(f"wheels in {wheels}: {check.stdout.strip() or check.stderr.strip()} "
-                        "(run bash scripts/gpu_wheels.sh)")
-    collected = subprocess.run([PY, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                "tests"], cwd=ROOT, capture_output=True, text=True)
-    count = sum(1 for line in collected.stdout.splitlines() if "::test_" in line)
-    if count < 10:
-        problems.append(f"pytest -m gpu collects {count} tests (need >= 10)")
-    print("steps (each in its own time limit):")
-    print(f"  pytest  {PY} -m pytest -m gpu -q tests   ({count} tests)")
-    print(f"  smoke   {shlex.join(torchrun(SMOKE + ['dist.device=cuda', 'run_dir=WORK/plain', 'data.train=WORK/shards']))}")
-    print("          ... again with model.compile=true; again killed with -9 in round 1 and resumed")
-    print(f"  kmeans  {PY} bench/kmeans.py --device cuda [--tf32]")
-    print(f"  train   {shlex.join([PY, *TRAIN_BENCH])}")
+    from scripts.gpu_steps import dry_run_problems
+    problems = dry_run_problems(wheels)
+    print("steps, in order (deadline 540 s; a step is skipped when less than its typical time is left):")
+    for step in STEPS:
+        print(f"  {step.name:<13} ~{step.expect_s:>4.0f} s, at most {step.limit_s:>4.0f} s  {step.what}")
+    print(f"returns {MAX_FILES} files at most: $OUT/{JSON_NAME} and $OUT/{TAR_NAME}")
     for problem in problems:
         print(f"PROBLEM: {problem}")
     print("dry run: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
     return 1 if problems else 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-results"))
-    parser.add_argument("--work", default="/tmp/dist_cluster_gpu_check")
-    parser.add_argument("--only", default=",".join(STEPS), help="comma list of steps")
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--wheels", default=os.environ.get("GPU_WHEELS_DIR") or str(ROOT / ".whl"))
-    parser.add_argument("--smoke-device", default="cuda", help="cpu: rehearse the smoke step without a GPU")
-    args = parser.parse_args()
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "gpu-results"))
+    p.add_argument("--work", default=None, help="default: a fresh folder under /tmp on every call")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu: rehearse every step on CPU, with small sizes (no GPU needed)")
+    p.add_argument("--smoke-device", dest="device", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=540.0, help="seconds from --started-at to the last write")
+    p.add_argument("--started-at", type=float, default=None, help="epoch seconds the call began (the shell's)")
+    p.add_argument("--only", default=None, help="comma list of steps (default: all, in order)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--wheels", default=os.environ.get("GPU_WHEELS_DIR") or str(ROOT / ".whl"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.dry_run:
         return dry_run(Path(args.wheels))
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in STEPS]
+    only = args.only.split(",") if args.only else names
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise SystemExit(f"gpu_check: unknown step(s) {unknown}; steps: {', '.join(names)}")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="dist_cluster_gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
-    import torch
-    record = {"torch": torch.__version__, "cuda": torch.version.cuda,
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "steps": {}}
-    for name in args.only.split(","):
-        start = time.perf_counter()
-        print(f"== {name}", flush=True)
-        try:
-            record["steps"][name] = STEPS[name](out) if name != "smoke" else step_smoke(out, work, args.smoke_device)
-        except Exception as err:  # noqa: BLE001 - a broken step is a result; the others still run
-            record["steps"][name] = {"error": repr(err)}
-        record["steps"][name]["step_seconds"] = round(time.perf_counter() - start, 1)
-        (out / "gpu_check.json").write_text(json.dumps(record, indent=1, default=str))
-        print(json.dumps(record["steps"][name], default=str)[:1500], flush=True)
-    return 0
+    check = Check(Path(args.out), work, args.device, args.deadline, args.started_at or time.time())
+
+    def stop(signum, _frame):  # the device tool's kill, or ^C: nothing left running, results written
+        check.ctx.kill_all()
+        check.record["status"] = f"interrupted by signal {signum}"
+        check.write()
+        os._exit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+    check.record["env"] = environment(args.device)
+    print(f"gpu_check: device {args.device}, deadline {args.deadline:.0f} s, work {work}, out {args.out}", flush=True)
+    for step in STEPS:
+        if step.name not in only:
+            continue
+        print(f"== {step.name}: {step.what}", flush=True)
+        entry = check.run_step(step)
+        check.write()
+        print(summary_line(entry), flush=True)
+    check.record["status"] = "complete"
+    check.write()
+    print("\n== summary (all of it in $OUT/gpu_check.json; logs in $OUT/gpu_check_logs.tar.gz)")
+    for entry in check.record["steps"]:
+        print(summary_line(entry))
+    failed = [e["name"] for e in check.record["steps"] if e["status"] not in ("ok", "skipped")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

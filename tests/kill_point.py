@@ -16,6 +16,9 @@ about to enter one:
               not yet pruned)
 Before killing itself the rank writes RUN/killed.json (point, rank, time): the test measures the
 restart from there. `none` runs unchanged (the reference).
+    pause-train  every rank, at global step DIST_CLUSTER_PAUSE_STEP (default 13): writes
+              RUN/paused.rank<r>.json and sleeps, for a kill from outside (scripts/gpu_check.py kills
+              the whole tree, as a node failure would)
 USR2 (tests/test_launcher_exit.py), sent by rank 1 to itself, as SLURM would:
     usr2-kmeans  before the 2nd level-1 M-step of round 0 (no checkpoint yet)
     usr2-train   after global step 4
@@ -31,7 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KILLED_RANK = {"extract": 0, "kmeans": 1, "route": 0, "train": 1, "save": 0, "usr2-kmeans": 1, "usr2-train": 1}
+# the rank the point is installed on; None: every rank
+KILLED_RANK = {"extract": 0, "kmeans": 1, "route": 0, "train": 1, "save": 0, "usr2-kmeans": 1, "usr2-train": 1,
+               "pause-train": None}
 
 
 def _run_dir() -> Path:
@@ -106,6 +111,18 @@ def install(point: str) -> None:
                 die(point)
             return original_hook(self, state, save)
         rounds.Run.maybe_checkpoint = hook
+    elif point == "pause-train":
+        original_hook = rounds.Run.maybe_checkpoint
+        at_step = int(os.environ.get("DIST_CLUSTER_PAUSE_STEP", "13"))
+
+        def hook(self, state, save=False):
+            if not save and state["global_step"] == at_step:
+                (_run_dir() / f"paused.rank{os.environ['RANK']}.json").write_text(json.dumps(
+                    {"step": at_step, "time": time.time()}))
+                while True:  # until killed from outside
+                    time.sleep(3600)
+            return original_hook(self, state, save)
+        rounds.Run.maybe_checkpoint = hook
     elif point == "save":
         original_point = checkpoint._point_last
 
@@ -120,7 +137,7 @@ def main() -> None:
     if point != "none" and point not in KILLED_RANK:
         raise SystemExit(f"unknown kill point {point!r}: one of none, {', '.join(KILLED_RANK)}")
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if point != "none" and first_attempt and int(os.environ["RANK"]) == KILLED_RANK[point]:
+    if point != "none" and first_attempt and KILLED_RANK[point] in (None, int(os.environ["RANK"])):
         install(point)
     sys.argv[0] = str(ROOT / "launch" / "train.py")
     code = 0

@@ -4,6 +4,10 @@ CUDA placement of every stage, CUDA results equal to the CPU ones, bf16, channel
     python -m pytest -m gpu -q tests/test_gpu.py      # on a machine with CUDA (scripts/gpu_check.sh)
 
 Deselected by default (setup.cfg addopts); without CUDA every test here skips with that reason.
+DIST_CLUSTER_GPU_TESTS_DEVICE=cpu rehearses them on CPU (gloo at world size 1; the "cuda" fixture is
+the CPU): the code paths and the assertions run, except the CUDA-only ones (`needs_cuda`: sync
+counting, pinned memory, CUDA RNG, torch's SyncBatchNorm). tests/test_gpu_check.py runs that in CI,
+so a test here that would break on its first GPU run (a config it builds by hand, say) breaks there.
 comm.py runs its collectives whenever a process group exists, world size 1 included, so a CPU
 tensor handed to NCCL, or a result left on the wrong device, fails here as it would on 64 GPUs.
 """
@@ -14,20 +18,28 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on a GPU machine)")]
+REHEARSAL = os.environ.get("DIST_CLUSTER_GPU_TESTS_DEVICE") == "cpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (REHEARSAL or torch.cuda.is_available()),
+                                                  reason="needs CUDA (run on a GPU machine)")]
+needs_cuda = pytest.mark.skipif(REHEARSAL, reason="needs real cuda (not part of the CPU rehearsal)")
 
 CPU = torch.device("cpu")
 
 
+def _ddp(module, device):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(module, device_ids=[device] if device.type == "cuda" else None)
+
+
 @pytest.fixture(scope="module")
 def cuda():
-    """One NCCL process group of world size 1 for the whole module."""
+    """One NCCL process group of world size 1 for the whole module (gloo on CPU in the rehearsal)."""
     from dist_cluster import distributed
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
-    env = distributed.init(backend="nccl", device="cuda", timeout_s=120)
-    assert env.backend == "nccl" and env.device.type == "cuda"
+    backend, device = ("gloo", "cpu") if REHEARSAL else ("nccl", "cuda")
+    env = distributed.init(backend=backend, device=device, timeout_s=120)
+    assert env.backend == backend and env.device.type == device
     yield env.device
     distributed.shutdown()
 
@@ -108,8 +120,6 @@ def test_run_clustering_and_nmi_through_nccl(cuda, tmp_path):
 
 def _case_on_cuda(case, device):
     """tests/test_heads.py's distributed step, on CUDA: trainer.train_step through NCCL."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from dist_cluster.heads import RoutedHeads, TrunkAndSuperHead
     from dist_cluster.targets import Targets
     from dist_cluster.trainer import PendingStats, sgd, train_step
@@ -117,7 +127,7 @@ def _case_on_cuda(case, device):
     num_super, sub_classes, sizes, weighted, seed, skip = case
     x, sup, sub, w_super, w_sub = th._case_data(*case[:5], skip)
     module = TrunkAndSuperHead(th._trunk(seed), num_super, seed=seed).to(device)
-    model = DDP(module, device_ids=[device])
+    model = _ddp(module, device)
     heads = RoutedHeads(th.FEAT_DIM, num_super, sub_classes, device, seed=seed)
     trunk_opt = sgd(module.trunk.parameters(), th.CFG.train)
     head_opt = sgd(list(module.super_head.parameters()) + list(heads.parameters()), th.CFG.train)
@@ -161,6 +171,7 @@ def _head_grads_through_nccl(device, overlap):
     return [p.grad.cpu() for p in heads.parameters()], syncs
 
 
+@needs_cuda
 def test_head_reduces_during_backward_through_nccl_without_host_syncs(cuda):
     overlapped, syncs = _head_grads_through_nccl(cuda, True)
     blocking, _ = _head_grads_through_nccl(cuda, False)
@@ -171,7 +182,6 @@ def test_head_reduces_during_backward_through_nccl_without_host_syncs(cuda):
 
 def _smallvgg_run(device, bf16=True, channels_last=True):
     from omegaconf import OmegaConf
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from dist_cluster.heads import RoutedHeads, TrunkAndSuperHead
     from dist_cluster.models import initial_trunk
@@ -183,7 +193,7 @@ def _smallvgg_run(device, bf16=True, channels_last=True):
     module = convert_sync_batchnorm(TrunkAndSuperHead(initial_trunk(cfg.model, 28, 0), 8), device).to(device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
-    model = DDP(module, device_ids=[device])
+    model = _ddp(module, device)
     heads = RoutedHeads(64, 8, 5, device, seed=0)
     opts = (sgd(module.trunk.parameters(), cfg.train),
             sgd(list(module.super_head.parameters()) + list(heads.parameters()), cfg.train))
@@ -199,6 +209,7 @@ def _table():
                                      "weight")
 
 
+@needs_cuda
 def test_one_training_step_blocks_the_host_once(cuda):
     """Issue target: at most one blocking sync per step (it was about 25), counted by CUDA itself."""
     from dist_cluster.targets import make_targets
@@ -226,6 +237,7 @@ def test_one_training_step_blocks_the_host_once(cuda):
     assert np.isfinite(pending.result(1).loss_sub)
 
 
+@needs_cuda
 def test_syncbn_on_cuda_is_torchs_and_matches_batchnorm(cuda):
     from torch import nn
 
@@ -254,6 +266,7 @@ def test_bf16_autocast_and_channels_last_agree_with_fp32(cuda):
     assert (low.float() - ref).norm() / ref.norm() < 0.05
 
 
+@needs_cuda
 def test_cuda_rng_is_checkpointed_and_per_rank(cuda):
     from dist_cluster import checkpoint
     from dist_cluster.trainer import seed_this_rank
@@ -269,6 +282,7 @@ def test_cuda_rng_is_checkpointed_and_per_rank(cuda):
     assert torch.equal(first, torch.rand(4, device=cuda))
 
 
+@needs_cuda
 def test_checkpoint_host_copy_and_background_save_on_cuda(cuda, tmp_path):
     """ckpt_writer.snapshot: pinned host copies, complete when it returns (a kernel writing the
     original right after cannot reach the copy); a background save of CUDA state, published over
@@ -289,13 +303,12 @@ def test_checkpoint_host_copy_and_background_save_on_cuda(cuda, tmp_path):
 
 
 def test_loader_and_targets_follow_the_run_device(cuda, tmp_path):
-    from types import SimpleNamespace
-
+    from dist_cluster.config import DataConfig
     from dist_cluster.data import make_loader
     from dist_cluster.transforms import train_transform
     from tests.shard_fixtures import make_shards
     shards = make_shards(tmp_path, 2, 8, size=16)
-    cfg = SimpleNamespace(batch_size=4, num_workers=0, shuffle_buffer=4, max_samples=0, allow_short_shards=False)
+    cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=4)  # every key the loader reads
     on_gpu = next(iter(make_loader(cfg, str(shards.root), 0, 1, train_transform(16, 0.5), 0, 0, True, cuda)))
     on_cpu = next(iter(make_loader(cfg, str(shards.root), 0, 1, train_transform(16, 0.5), 0, 0, True, CPU)))
     assert on_gpu[0].device == cuda and on_cpu[0].device == CPU

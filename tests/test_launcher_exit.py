@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from dist_cluster.logger import read_metrics
 from dist_cluster.preemption import PREEMPTED_EXIT_CODE
 from tests.shard_fixtures import make_shards
-from tests.test_restarts import kill_tagged
+from tests.processes import kill_tagged, new_token, tagged_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FORWARD_USR2 = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
@@ -40,8 +39,8 @@ class Torchrun:
     killed at the end, orphans included."""
 
     def __init__(self, run_dir: Path, shards: Path, point: str, *torchrun_args: str):
-        self.token, self.run_dir = uuid.uuid4().hex, run_dir
-        env = dict(os.environ, OMP_NUM_THREADS="1", DIST_CLUSTER_TEST_TOKEN=self.token)
+        self.token, self.run_dir = new_token(), run_dir
+        env = tagged_env(self.token, OMP_NUM_THREADS="1")
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", *torchrun_args,
                "--nproc_per_node", "2", "tests/kill_point.py", point, "--config", "configs/smoke.yaml",
                f"run_dir={run_dir}", f"data.train={shards}", "dist.timeout_s=60", "train.ckpt_every_steps=0",

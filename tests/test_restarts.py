@@ -9,18 +9,15 @@ ranks read the killed attempt's gloo addresses from torchrun's store. The k-mean
 reported) runs in CI; the other four are marked slow (about 40 s each on 2 cores).
 """
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dist_cluster.logger import read_metrics
+from tests.processes import kill_tagged, new_token, tagged_env
 from tests.shard_fixtures import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,23 +32,10 @@ def shards(tmp_path_factory):
     return root
 
 
-def kill_tagged(token: str) -> None:
-    """SIGKILL every process started with DIST_CLUSTER_TEST_TOKEN=token (torchrun, its ranks, their
-    DataLoader workers, orphans included: ranks run in sessions of their own)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if f"DIST_CLUSTER_TEST_TOKEN={token}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
-
-
 def run_with_kill(run_dir: Path, shards: Path, point: str, *overrides):
     """(torchrun's exit code, its output): tests/kill_point.py under torchrun --max-restarts 1."""
-    token = uuid.uuid4().hex
-    env = dict(os.environ, OMP_NUM_THREADS="1", DIST_CLUSTER_TEST_TOKEN=token)
+    token = new_token()
+    env = tagged_env(token, OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--max-restarts", "1", "--nproc_per_node", "2",
            "tests/kill_point.py", point, "--config", "configs/smoke.yaml", f"run_dir={run_dir}",
