@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ranks import run_ranks  # noqa: E402
-from dist_cluster import distributed  # noqa: E402
+from dist_cluster.runtime import distributed  # noqa: E402
 
 MODES = {"overlap": True, "blocking": False}
 
@@ -62,9 +62,9 @@ def bench_rank(rank: int, world: int, port: int, args) -> dict:
     torch.set_num_threads(args.threads)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from dist_cluster.heads import RoutedHeads, TrunkAndSuperHead
-    from dist_cluster.targets import Targets
-    from dist_cluster.trainer import sgd, train_step
+    from dist_cluster.train.heads import RoutedHeads, TrunkAndSuperHead
+    from dist_cluster.train.targets import Targets
+    from dist_cluster.train.trainer import sgd, train_step
     cfg = OmegaConf.create({"train": {"bf16": False, "lr": 0.0, "momentum": 0.0, "weight_decay": 0.0}})
     distributed.init(backend="gloo", device="cpu")
     try:

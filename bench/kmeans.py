@@ -55,8 +55,8 @@ def _rank_main(rank, world, port, args, init):
     threads = max(1, args.threads // world)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
-    from dist_cluster import distributed
     from dist_cluster.cluster.kmeans import kmeans, resolve_backend
+    from dist_cluster.runtime import distributed
     try:
         env = distributed.init(backend="auto", device=args.device)
         lo, hi = rank * args.n // world, (rank + 1) * args.n // world
@@ -75,7 +75,7 @@ def _rank_main(rank, world, port, args, init):
 
 
 def run_ours(world: int, args, init: np.ndarray) -> dict:
-    from dist_cluster.distributed import free_port
+    from dist_cluster.runtime.distributed import free_port
     return run_ranks(_rank_main, world, (world, free_port(), args, init))[0]
 
 

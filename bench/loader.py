@@ -31,10 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is run as a script: the repo's tests/ helpers are importable
 
-from dist_cluster.data import ShardLoader, read_plan  # noqa: E402
-from dist_cluster.data_worker import decode_sample, read_tar  # noqa: E402
-from dist_cluster.manifest import load_manifest  # noqa: E402
-from dist_cluster.transforms import train_transform  # noqa: E402
+from dist_cluster.data.loader import ShardLoader, read_plan  # noqa: E402
+from dist_cluster.data.manifest import load_manifest  # noqa: E402
+from dist_cluster.data.transforms import train_transform  # noqa: E402
+from dist_cluster.data.worker import decode_sample, read_tar  # noqa: E402
 from tests.shard_fixtures import encode_image, write_shards  # noqa: E402
 
 CACHE = Path(os.environ.get("DIST_CLUSTER_CACHE", Path.home() / ".cache" / "dist_cluster")) / "bench"

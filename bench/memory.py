@@ -19,7 +19,7 @@ rank's RSS after an unmeasured warm-up round on 16k rows (torch, gloo, faiss, ma
 BLAS buffers loaded and touched, process groups built), a gc and malloc_trim. The features are NOT
 subtracted: they are allocated inside the measured EXTRACT stage and stay resident through CLUSTER
 (the whitening overwrites them in place), so every stage's peak includes them, as does the planned
-figure: plan_memory.stage_memory for the same inputs (host bytes; device bytes on CUDA, measured
+figure: plan.memory.stage_memory for the same inputs (host bytes; device bytes on CUDA, measured
 by torch.cuda.max_memory_allocated reset per stage: faiss's GPU index lives outside torch's
 allocator, hence --backend torch there). The row is the fullest rank's peak.
 Two settings make the measure the code's, not the allocator's or the transport's:
@@ -171,6 +171,7 @@ class NullLogger:
 
 def _cluster_cfg(args, memmap_dir: str):
     from omegaconf import OmegaConf
+
     from dist_cluster.config import ClusterConfig
     return OmegaConf.structured(ClusterConfig(k=args.k, m=args.m, pca_dim=args.dim, niter=args.niter,
                                               backend=args.backend, memmap_gb=args.memmap_gb,
@@ -180,8 +181,8 @@ def _cluster_cfg(args, memmap_dir: str):
 
 def _one_round(rows: int, rank: int, device: torch.device, cfg, run_dir: str, meter=None):
     """EXTRACT + CLUSTER as rounds.py runs them; the features are released after."""
+    from dist_cluster.cluster.extract import extract_features
     from dist_cluster.cluster.stage import run_clustering
-    from dist_cluster.extract import extract_features
     if meter is not None:
         meter.mark("extract")
     feats, keys, _ = extract_features(torch.nn.Identity(), SyntheticLoader(rows, cfg.pca_dim, rank), rows,
@@ -197,8 +198,8 @@ def _rank_main(rank, world, port, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from dist_cluster import distributed
     from dist_cluster.cluster.kmeans import resolve_backend
+    from dist_cluster.runtime import distributed
     env = distributed.init(backend="auto", device=args.device)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
@@ -220,8 +221,8 @@ def _rank_main(rank, world, port, args):
 
 
 def planned(args, rows: int, world: int, dim: int, backend: str) -> dict:
-    """plan_memory.stage_memory for this run's inputs: host bytes on CPU, device bytes on CUDA."""
-    from dist_cluster.plan_memory import MemoryInputs, stage_memory
+    """plan.memory.stage_memory for this run's inputs: host bytes on CPU, device bytes on CUDA."""
+    from dist_cluster.plan.memory import MemoryInputs, stage_memory
     stages = stage_memory(MemoryInputs(rows=rows, world=world, feature_dim=dim, pca_dim=dim, k=args.k, m=args.m,
                                        device=args.device, backend=backend, memmap_gb=args.memmap_gb,
                                        route_chunk_bytes=args.route_chunk_mb << 20, key_chars=KEY_CHARS))
@@ -231,7 +232,7 @@ def planned(args, rows: int, world: int, dim: int, backend: str) -> dict:
 
 def run_case(args, rows: int, world: int, dim: int) -> list[dict]:
     """One run on `world` fresh ranks; one row per stage, the fullest rank's measured peak."""
-    from dist_cluster.distributed import free_port
+    from dist_cluster.runtime.distributed import free_port
     case = argparse.Namespace(**{**vars(args), "rows": rows, "dim": dim})
     if args.dry_run:
         per_rank = [dict(host={}, cuda={}, recv_rows=rows, backend=_default_backend(args), seconds=0.0)]

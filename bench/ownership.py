@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_cluster.distributed import imbalance, ownership  # noqa: E402
+from dist_cluster.runtime.distributed import imbalance, ownership  # noqa: E402
 
 
 def super_sizes(paths: list[str]) -> list[tuple[str, list[int]]]:

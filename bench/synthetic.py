@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from bench/ scripts: the repository's packages are importable
     sys.path.insert(0, str(ROOT))
 
-from dist_cluster.manifest import load_manifest  # noqa: E402
+from dist_cluster.data.manifest import load_manifest  # noqa: E402
 from shards.images import ImageSettings  # noqa: E402
 from shards.pipeline import build  # noqa: E402
 from shards.sources import Record, Source  # noqa: E402

@@ -11,7 +11,7 @@ super head), routing (the sub-head all_to_all and CE), backward (+ head gradient
 Then the same step on one in-memory batch repeated (no loader): the model-only ceiling. The goal is
 pipeline img/s >= 90% of model-only. Cluster labels are pseudo-random per key (speed, not learning).
 --decode cpu,device times the pipeline once per data.decode mode, side by side: JPEGs decoded by
-the loader workers, or batched on the run's device (nvjpeg on CUDA; dist_cluster/device_decode.py).
+the loader workers, or batched on the run's device (nvjpeg on CUDA; dist_cluster/data/device_decode.py).
 --synthetic-jpeg N: N random 256-320 px JPEGs, built once into bench/runs/ (bench/synthetic.py),
 are the --shards. Prints a table (img/s summed over ranks and per rank, i.e. per GPU) and writes
 bench/results/train.json.
@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ranks import run_ranks  # noqa: E402
 from bench.synthetic import synthetic_jpeg_shards  # noqa: E402
-from dist_cluster import distributed  # noqa: E402
 from dist_cluster.config import load_config  # noqa: E402
-from dist_cluster.targets import LabelTable, make_targets  # noqa: E402
-from dist_cluster.trainer import PhaseTimer, train_step  # noqa: E402
+from dist_cluster.runtime import distributed  # noqa: E402
+from dist_cluster.train.targets import LabelTable, make_targets  # noqa: E402
+from dist_cluster.train.trainer import PhaseTimer, train_step  # noqa: E402
 
 PHASES = ("data", "targets", "forward", "routing", "backward", "optimizer")
 
@@ -91,7 +91,7 @@ def bench_rank(rank: int, world: int, port: int, args) -> dict:
     cfgs = {mode: load_config(args.config, base + [f"data.decode={mode}"]) for mode in args.decode}
     cfg = cfgs[args.decode[0]]
     with distributed.session(cfg.dist):
-        from dist_cluster.rounds import Run
+        from dist_cluster.run.rounds import Run
         run = Run(cfg)
         run.new_heads(0)
         table = HashedLabels(cfg.cluster.k, cfg.cluster.m)
@@ -122,7 +122,7 @@ def report(results: list[dict], args, cfg_desc: str) -> dict:
     ratios = {name[len("pipeline_"):]: row["img_per_s_global"] / model
               for name, row in rows.items() if name.startswith("pipeline_")}
     print(f"\ntrain step, {world} rank(s), {cfg_desc}")
-    print(f"| run | img/s (all ranks) | img/s per rank | ms/step | " + " | ".join(f"{p} ms" for p in PHASES) + " |")
+    print("| run | img/s (all ranks) | img/s per rank | ms/step | " + " | ".join(f"{p} ms" for p in PHASES) + " |")
     print("|---|---|---|---|" + "---|" * len(PHASES))
     for name, row in rows.items():
         phases = " | ".join(f"{row['phase_ms'][p]:.1f}" for p in PHASES)

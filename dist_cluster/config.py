@@ -82,7 +82,7 @@ class TrainConfig:
     # weight: per-sample 1/|cluster| loss weights | resample: the loaders repeat or drop images as the
     # original's sampler draws them (uniform super-cluster, sub-cluster, image), weights 1 | none.
     # RotNet (one cluster: resample draws every image once, = none) and supervised (set to none)
-    # ignore it (dist_cluster/targets.py)
+    # ignore it (dist_cluster/train/targets.py)
     balance: str = "weight"
     # own_rows: each sub head learns from the mean loss over its own rows (the original's per-group
     # DDP); global_batch: from its rows' share of the global mean, ~1/S of that (the code before
@@ -91,7 +91,7 @@ class TrainConfig:
     bf16: bool = True  # autocast on GPU only
     ckpt_every_steps: int = 200
     # True: a save stalls training only to copy the state to host memory, a thread writes the files
-    # (checkpoint.py: the protocol); False: written inline, training waits (same files, same log)
+    # (checkpoint/store.py: the protocol); False: written inline, training waits (same files, same log)
     async_checkpoint: bool = True
     log_every_steps: int = 20
 
@@ -240,7 +240,7 @@ def clusters_needed(cfg: DictConfig) -> bool:
 
 def feature_dim(cfg_model: DictConfig, image_size: int) -> int:
     """Width of the trunk's features: model.feature_dim for smallvgg, fixed by the other archs."""
-    from .plan_costs import arch_cost  # no torch: the planner's own description of the trunks
+    from dist_cluster.plan.costs import arch_cost  # no torch: the planner's own description of the trunks
     return arch_cost(cfg_model.arch, image_size, bool(cfg_model.sobel), int(cfg_model.feature_dim),
                      int(cfg_model.pool_size)).feature_dim
 
@@ -249,7 +249,7 @@ def validate_against_data(cfg: DictConfig) -> None:
     """Checks that need data.train (its manifest, its shards on disk), run before any work
     (launch/train.py, slurm.Trainer); load_config itself never reads the data, so that configs load
     where the data is not mounted."""
-    from .manifest import load_manifest
+    from dist_cluster.data.manifest import load_manifest
     try:
         manifest = load_manifest(cfg.data.train)
         manifest.check_files(cfg.data.train)  # a missing shard stops the run now, not mid-epoch

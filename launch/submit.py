@@ -11,7 +11,7 @@
 The job runs `dist_cluster.slurm.Trainer` (the code of launch/train.py, in-process). On USR2
 (`--signal-delay-s` seconds before the end) it requeues itself and resumes from
 RUN/checkpoints/last.pt. Without submitit, `srun python launch/train.py --config ...` works too
-(dist_cluster/distributed.py reads SLURM_PROCID / SLURM_NTASKS / SLURM_JOB_NODELIST).
+(dist_cluster/runtime/distributed.py reads SLURM_PROCID / SLURM_NTASKS / SLURM_JOB_NODELIST).
 """
 import argparse
 import shlex
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dist_cluster import slurm  # noqa: E402
 from dist_cluster.config import ConfigError, load_config  # noqa: E402
+from dist_cluster.run import slurm  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

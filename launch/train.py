@@ -56,8 +56,11 @@ def main(argv=None) -> None:
     if args.export_init:
         print(f"exported the initial backbone to {export_initial_backbone(cfg)}")
         return
-    from dist_cluster.checkpoint import CheckpointError
-    from dist_cluster.rounds import check_resume, train  # after the config is known good: torch imports take seconds
+    from dist_cluster.checkpoint.store import CheckpointError
+    from dist_cluster.run.rounds import (
+        check_resume,  # after the config is known good: torch imports take seconds
+        train,
+    )
     try:
         check_resume(cfg)  # a run_dir of another configuration: the keys, before any work (train() checks too)
     except (ConfigError, CheckpointError) as err:

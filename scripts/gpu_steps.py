@@ -126,7 +126,7 @@ class Ctx:
 
 
 def events(run_dir: Path, stage: str) -> list[dict]:
-    from dist_cluster.logger import read_metrics
+    from dist_cluster.runtime.logger import read_metrics
     return read_metrics(run_dir, stage) if (run_dir / "metrics.jsonl").exists() else []
 
 

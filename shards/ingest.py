@@ -41,9 +41,10 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_cluster.manifest import Manifest, ShardInfo, load_manifest  # noqa: E402
-from dist_cluster.slurm import ResumableJob  # noqa: E402
-from shards.build import load_fetcher, parse_args as build_parse_args, url_fetcher  # noqa: E402
+from dist_cluster.data.manifest import Manifest, ShardInfo, load_manifest  # noqa: E402
+from dist_cluster.run.slurm import ResumableJob  # noqa: E402
+from shards.build import load_fetcher, url_fetcher  # noqa: E402
+from shards.build import parse_args as build_parse_args
 from shards.images import ImageSettings  # noqa: E402
 from shards.pipeline import BuildReport, build  # noqa: E402
 from shards.sources import BuildError  # noqa: E402
@@ -326,7 +327,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 def submit_array(plan: dict, args: argparse.Namespace, workers: int, fetcher: Optional[str] = None) -> None:
     """`run` for every task id as one submitit job array (printed only with --dry-run)."""
-    from dist_cluster import slurm
+    from dist_cluster.run import slurm
     out = plan["build"]["out"]
     # the job unpickles shards.ingest.IngestTask: the checkout must be importable there
     setup = [f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}"]

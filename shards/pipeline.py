@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from dist_cluster.manifest import Manifest, ShardInfo
+from dist_cluster.data.manifest import Manifest, ShardInfo
 
 from .images import ImageSettings
 from .sources import BuildError, Source

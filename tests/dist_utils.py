@@ -14,7 +14,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from dist_cluster.distributed import free_port
+from dist_cluster.runtime.distributed import free_port
 
 
 def _worker(fn, rank, world_size, port, args, queue, threads):
@@ -22,7 +22,7 @@ def _worker(fn, rank, world_size, port, args, queue, threads):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     torch.set_num_threads(threads)
-    from dist_cluster import distributed
+    from dist_cluster.runtime import distributed
     try:
         distributed.init(backend="gloo", timeout_s=120, device="cpu")
         result = fn(rank, world_size, *args)

@@ -72,7 +72,9 @@ class _KillAfter:
 
 
 def install(point: str) -> None:
-    from dist_cluster import checkpoint, preemption, rounds
+    from dist_cluster.checkpoint import store
+    from dist_cluster.run import rounds
+    from dist_cluster.runtime import preemption
     calls = {"vote": 0, "route": 0, "extract": 0}
     if point == "extract":
         original_extract = rounds.extract_features
@@ -124,13 +126,13 @@ def install(point: str) -> None:
             return original_hook(self, state, save)
         rounds.Run.maybe_checkpoint = hook
     elif point == "save":
-        original_point = checkpoint._point_last
+        original_point = store._point_last
 
         def point_last(path, digest, round_copy):
             original_point(path, digest, round_copy)
-            if path.name == checkpoint.shared_file("", 15).name:
+            if path.name == store.shared_file("", 15).name:
                 die("save")
-        checkpoint._point_last = point_last
+        store._point_last = point_last
 
 def main() -> None:
     point = sys.argv.pop(1)

@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from dist_cluster.manifest import Manifest, ShardInfo
+from dist_cluster.data.manifest import Manifest, ShardInfo
 
 
 def image_header(data: bytes, fmt: str) -> bytes:

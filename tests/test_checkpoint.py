@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_cluster import checkpoint, ckpt_io
+from dist_cluster.checkpoint import durable, store
 from tests.ci import skip_unless_ci
 from tests.dist_utils import run_ranks
 from tests.test_rounds import small_run_config
@@ -34,9 +34,9 @@ def _shared(g):
 
 def _save(run_dir, steps, round_at=None):
     """Saves steps in order, the one equal to round_at with round copy 0 (what a round end does)."""
-    rank = checkpoint.distributed.rank()
+    rank = store.distributed.rank()
     for g in steps:
-        checkpoint.save(run_dir, _shared(g), {"h": torch.full((1024,), 100.0 * rank + g)}, g,
+        store.save(run_dir, _shared(g), {"h": torch.full((1024,), 100.0 * rank + g)}, g,
                         round_copy=0 if g == round_at else None)
 
 
@@ -50,7 +50,7 @@ def damage(path: Path, how: str) -> None:
         mid = len(data) // 2
         path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 4096]) + data[mid + 4096:])
     elif how == "no_checksum":  # killed between the rename and the checksum
-        checkpoint.checksum_file(path).unlink()
+        store.checksum_file(path).unlink()
     elif how == "missing":
         path.unlink()
 
@@ -62,7 +62,7 @@ def _summary(loaded):
 
 def _damaged_newest(rank, world, tmp):
     """For each damage, to the shared file or the last rank's own file of the newest step: load."""
-    from dist_cluster import comm
+    from dist_cluster.runtime import comm
     out = {}
     for how in DAMAGES:
         for whose in ("shared", f"rank{world - 1}"):
@@ -72,10 +72,10 @@ def _damaged_newest(rank, world, tmp):
             if rank == 0:
                 damage(run_dir / "checkpoints" / f"{whose}.step20.pt", how)
             comm.barrier()
-            out[how, whose] = _summary(checkpoint.load(run_dir))
+            out[how, whose] = _summary(store.load(run_dir))
     untouched = tmp / "untouched"
     _save(untouched, [10, 20])
-    out["untouched"] = _summary(checkpoint.load(untouched))
+    out["untouched"] = _summary(store.load(untouched))
     return out
 
 
@@ -94,7 +94,7 @@ def test_a_damaged_newest_step_falls_back_to_the_previous_on_every_rank(world, t
 
 
 def _nothing_good(rank, world, tmp):
-    from dist_cluster import comm
+    from dist_cluster.runtime import comm
     run_dir = tmp / "run"
     _save(run_dir, [10, 20], round_at=10)
     comm.barrier()
@@ -103,11 +103,11 @@ def _nothing_good(rank, world, tmp):
         damage(run_dir / "checkpoints" / f"rank{world - 1}.step10.pt", "truncated")
     comm.barrier()
     try:
-        checkpoint.load(run_dir)
+        store.load(run_dir)
         refused = None
-    except checkpoint.CheckpointError as err:
+    except store.CheckpointError as err:
         refused = str(err)
-    return refused, _summary(checkpoint.load(run_dir, round_fallback=True))
+    return refused, _summary(store.load(run_dir, round_fallback=True))
 
 
 def test_without_a_good_step_only_a_caller_with_fresh_heads_takes_the_round_copy(tmp_path):
@@ -133,7 +133,7 @@ def test_files_checksums_and_what_is_kept(tmp_path):
         sums = [p.name for p in folder.glob("*.sha256")]
         subprocess.run(["sha256sum", "--quiet", "-c", *sums], cwd=folder, check=True)
     _save(tmp_path, [30])  # the same step again (a round end, then the next round's start)
-    assert checkpoint.load(tmp_path).path.name == "shared.step30.pt"
+    assert store.load(tmp_path).path.name == "shared.step30.pt"
 
 
 def _fail_with_enospc(monkeypatch, where: str, after: int = 2048):
@@ -141,16 +141,16 @@ def _fail_with_enospc(monkeypatch, where: str, after: int = 2048):
     if where == "fsync":
         def fsync(fd):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        monkeypatch.setattr(ckpt_io.os, "fsync", fsync)
+        monkeypatch.setattr(durable.os, "fsync", fsync)
         return
-    write = ckpt_io._HashingWriter.write
+    write = durable._HashingWriter.write
 
     def limited(self, data):
         if where in self.f.name and self.nbytes + len(memoryview(data)) > after:
             self.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             raise self.error
         return write(self, data)
-    monkeypatch.setattr(ckpt_io._HashingWriter, "write", limited)
+    monkeypatch.setattr(durable._HashingWriter, "write", limited)
 
 
 @pytest.mark.parametrize("where", ["rank0", "shared", "fsync"])
@@ -160,7 +160,7 @@ def test_a_full_disk_gives_one_clear_error_and_no_partial_file(where, tmp_path, 
     before = sorted(p.name for p in folder.iterdir() if not p.name.startswith("rank0.step20"))
     with monkeypatch.context() as patch:
         _fail_with_enospc(patch, where)
-        with pytest.raises(checkpoint.CheckpointWriteError) as err:
+        with pytest.raises(store.CheckpointWriteError) as err:
             _save(tmp_path, [20])
     message = str(err.value)
     assert message.startswith(f"checkpoint not saved: no space left in {folder} for ")
@@ -169,10 +169,10 @@ def test_a_full_disk_gives_one_clear_error_and_no_partial_file(where, tmp_path, 
     assert not list(folder.glob("*.tmp"))
     after = sorted(p.name for p in folder.iterdir() if not p.name.startswith("rank0.step20"))
     assert after == before and os.readlink(folder / "last.pt") == "shared.step10.pt"
-    assert checkpoint.load(tmp_path).path.name == "shared.step10.pt"
+    assert store.load(tmp_path).path.name == "shared.step10.pt"
     _save(tmp_path, [25])  # the run goes on: step 10 stays the fallback, with its rank file
     damage(folder / "rank0.step25.pt", "flipped_4k")
-    assert checkpoint.load(tmp_path).path.name == "shared.step10.pt"
+    assert store.load(tmp_path).path.name == "shared.step10.pt"
 
 
 def test_a_checkpoint_from_before_checksums_still_loads(tmp_path, capsys):
@@ -180,25 +180,25 @@ def test_a_checkpoint_from_before_checksums_still_loads(tmp_path, capsys):
     folder.mkdir()
     torch.save({**_shared(7), "global_step": 7, "world_size": 1}, folder / "last.pt")
     torch.save({"h": torch.ones(3), "global_step": 7}, folder / "rank0.step7.pt")
-    assert _summary(checkpoint.load(tmp_path)) == (7.0, 1.0, "last.pt", [])
+    assert _summary(store.load(tmp_path)) == (7.0, 1.0, "last.pt", [])
     assert "written before checksums" in capsys.readouterr().out
     _save(tmp_path, [8])  # the next save moves the run to the new layout
-    assert checkpoint.load(tmp_path).path.name == "shared.step8.pt"
+    assert store.load(tmp_path).path.name == "shared.step8.pt"
 
 
 TMPFS_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from dist_cluster import checkpoint
+from dist_cluster.checkpoint import store
 run_dir = Path(sys.argv[1])
-checkpoint.save(run_dir, {"w": torch.zeros(1000)}, {"h": torch.zeros(100)}, 10)
+store.save(run_dir, {"w": torch.zeros(1000)}, {"h": torch.zeros(100)}, 10)
 try:
-    checkpoint.save(run_dir, {"w": torch.zeros(200_000)}, {"h": torch.zeros(100)}, 20)
+    store.save(run_dir, {"w": torch.zeros(200_000)}, {"h": torch.zeros(100)}, 20)
     error = None
-except checkpoint.CheckpointWriteError as err:
+except store.CheckpointWriteError as err:
     error = str(err)
 print(json.dumps({"error": error, "files": sorted(p.name for p in (run_dir / "checkpoints").iterdir()),
-                  "loaded": checkpoint.load(run_dir).path.name}))
+                  "loaded": store.load(run_dir).path.name}))
 """
 
 
@@ -234,8 +234,8 @@ def _kept_steps(run_dir) -> list[int]:
 
 
 def _runs_after_damage(rank, world, tmp, shards):
-    from dist_cluster.logger import read_metrics
-    from dist_cluster.rounds import Run
+    from dist_cluster.run.rounds import Run
+    from dist_cluster.runtime.logger import read_metrics
     out = {}
     run_dir = tmp / "deepercluster"
     cfg = _config("deepercluster", run_dir, shards, 2)
@@ -257,7 +257,7 @@ def _runs_after_damage(rank, world, tmp, shards):
         damage(rotnet / "checkpoints" / f"shared.step{g}.pt", "missing")
     try:
         Run(_config("rotnet", rotnet, shards, 1)).run()
-    except checkpoint.CheckpointError as err:
+    except store.CheckpointError as err:
         out["rotnet"] = str(err)
     return out
 

@@ -1,4 +1,4 @@
-"""Background checkpoint writes (ckpt_writer.py): save() returns once the state is copied, training
+"""Background checkpoint writes (checkpoint/writer.py): save() returns once the state is copied, training
 (collectives included) goes on while a thread writes, the next save waits for that write, and
 last.pt only ever names a step whose files are complete on every rank, whenever a kill comes.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dist_cluster import checkpoint
+from dist_cluster.checkpoint import store
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,25 +30,25 @@ def _records(rank: int, g: int):
 
 
 def _last(run_dir) -> str:
-    return os.readlink(checkpoint.ckpt_dir(run_dir) / "last.pt")
+    return os.readlink(store.ckpt_dir(run_dir) / "last.pt")
 
 
 def _hold_writes_of_step(step: int, release: threading.Event) -> None:
     """This rank's write of `step` waits for `release` before its first file (as a slow disk)."""
-    original = checkpoint.write_checked
+    original = store.write_checked
 
     def held(obj, path):
         if f"step{step}." in path.name:
             release.wait()
         return original(obj, path)
-    checkpoint.write_checked = held
+    store.write_checked = held
 
 
 def _slow_rank(rank, world, tmp):
     """Rank 1's write of step 20 is held; what each rank sees meanwhile, and when save 30 returns."""
-    from dist_cluster import comm
-    from dist_cluster.ckpt_writer import CheckpointWriter
-    from dist_cluster.logger import MetricLogger
+    from dist_cluster.checkpoint.writer import CheckpointWriter
+    from dist_cluster.runtime import comm
+    from dist_cluster.runtime.logger import MetricLogger
     run_dir, seen = tmp / "run", {}
     writer = CheckpointWriter(run_dir, background=True, logger=MetricLogger(run_dir, tensorboard=False))
     writer.save(*_records(rank, 10), 10)
@@ -63,12 +63,12 @@ def _slow_rank(rank, world, tmp):
     seen["all_reduce"] = float(comm.all_reduce(torch.ones(1))[0])
     if rank == 0:
         writer.join()  # rank 0's own files of step 20 are complete, rank 1's are not even started
-        folder = checkpoint.ckpt_dir(run_dir)
-        seen["rank0_done"] = checkpoint.verify(folder / "shared.step20.pt") is None
+        folder = store.ckpt_dir(run_dir)
+        seen["rank0_done"] = store.verify(folder / "shared.step20.pt") is None
         seen["last_while_pending"] = _last(run_dir)
     comm.barrier()
     # a kill now would resume from step 10: step 20 is incomplete on rank 1 (load is what a restart runs)
-    loaded = checkpoint.load(run_dir)
+    loaded = store.load(run_dir)
     seen["loaded_while_pending"] = loaded.path.name, loaded.rejected
     if rank == 1:
         threading.Timer(HOLD_S, release.set).start()
@@ -78,7 +78,7 @@ def _slow_rank(rank, world, tmp):
     seen["last_after_next_save"] = _last(run_dir)
     writer.wait()
     seen["last_at_the_end"] = _last(run_dir)
-    seen["files"] = sorted(p.name for p in checkpoint.ckpt_dir(run_dir).iterdir())
+    seen["files"] = sorted(p.name for p in store.ckpt_dir(run_dir).iterdir())
     return seen
 
 
@@ -102,20 +102,20 @@ def test_the_training_thread_goes_on_and_the_next_save_waits_for_the_slowest_ran
 KILL_SCRIPT = """
 import os, sys, time, torch
 from pathlib import Path
-from dist_cluster import checkpoint, ckpt_io
-from dist_cluster.ckpt_writer import CheckpointWriter
+from dist_cluster.checkpoint import store, durable
+from dist_cluster.checkpoint.writer import CheckpointWriter
 run_dir, published = Path(sys.argv[1]), sys.argv[2] == "published"
 writer = CheckpointWriter(run_dir)
 record = lambda g: ({"w": torch.full((300_000,), float(g)), "config": "seed: 0\\n"}, {"h": torch.full((10,), float(g))})
 writer.save(*record(10), 10)
 if not published:  # the write of step 20 stops half way through its shared file, as a slow disk
-    original = ckpt_io._HashingWriter.write
+    original = durable._HashingWriter.write
     def write(self, data):
         if "shared.step20" in self.f.name and self.nbytes > 500_000:
             print("half written", flush=True)
             time.sleep(600)
         return original(self, data)
-    ckpt_io._HashingWriter.write = write
+    durable._HashingWriter.write = write
 writer.save(*record(20), 20)  # publishes 10, returns while 20 is written
 print("save returned", flush=True)
 if published:
@@ -149,23 +149,23 @@ def test_a_kill_during_or_after_a_background_write_leaves_last_pt_on_a_complete_
     for phase, marker, resumed in (("half", "half written", 10), ("published", "written, not published", 20)):
         run_dir = tmp_path / phase
         _kill_during(run_dir, phase, marker)  # "save returned" too: training went on meanwhile
-        folder = checkpoint.ckpt_dir(run_dir)
+        folder = store.ckpt_dir(run_dir)
         assert _last(run_dir) == "shared.step10.pt"
-        assert checkpoint.verify(folder / "shared.step10.pt") is None
-        assert checkpoint.verify(folder / "rank0.step10.pt") is None
-        loaded = checkpoint.load(run_dir)
+        assert store.verify(folder / "shared.step10.pt") is None
+        assert store.verify(folder / "rank0.step10.pt") is None
+        loaded = store.load(run_dir)
         assert loaded.path.name == f"shared.step{resumed}.pt" and float(loaded.shared["w"][0]) == resumed
         if phase == "half":
             assert (folder / "shared.step20.pt.tmp").exists() and not (folder / "shared.step20.pt").exists()
             assert not loaded.rejected  # only rank files (and a tmp) of step 20: not a step yet
-            checkpoint.save(run_dir, {"w": torch.zeros(3), "config": ""}, {"h": torch.zeros(1)}, 30)
+            store.save(run_dir, {"w": torch.zeros(3), "config": ""}, {"h": torch.zeros(1)}, 30)
             assert not list(folder.glob("*.tmp"))  # the next save clears what the kill left
 
 
 def _same_step_again(rank, world, tmp):
     """A step saved again (an epoch's end, then its round's): while its files are rewritten, last.pt
     names the fallback, never the step being replaced."""
-    from dist_cluster.ckpt_writer import CheckpointWriter
+    from dist_cluster.checkpoint.writer import CheckpointWriter
     run_dir, release = tmp / "run", threading.Event()
     writer = CheckpointWriter(run_dir)
     for g in (10, 20):
@@ -176,7 +176,7 @@ def _same_step_again(rank, world, tmp):
     during = _last(run_dir)
     release.set()
     writer.wait()
-    return during, _last(run_dir), (checkpoint.ckpt_dir(run_dir) / "round_0.pt").exists()
+    return during, _last(run_dir), (store.ckpt_dir(run_dir) / "round_0.pt").exists()
 
 
 def test_a_step_saved_again_moves_last_pt_to_the_fallback_while_rewritten(tmp_path):
@@ -186,8 +186,8 @@ def test_a_step_saved_again_moves_last_pt_to_the_fallback_while_rewritten(tmp_pa
 
 def test_inline_saves_are_published_when_save_returns(tmp_path):
     """train.async_checkpoint=false: no copy, no thread; the step is last.pt when save() returns."""
-    from dist_cluster.ckpt_writer import CheckpointWriter
-    from dist_cluster.logger import MetricLogger, read_metrics
+    from dist_cluster.checkpoint.writer import CheckpointWriter
+    from dist_cluster.runtime.logger import MetricLogger, read_metrics
     writer = CheckpointWriter(tmp_path, background=False, logger=MetricLogger(tmp_path, tensorboard=False))
     for g in (10, 20):
         writer.save(*_records(0, g), g)

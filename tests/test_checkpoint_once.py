@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dist_cluster import checkpoint, ckpt_state
-from dist_cluster.ckpt_io import tensor_bytes
+from dist_cluster.checkpoint import store
+from dist_cluster.checkpoint.durable import tensor_bytes
+from dist_cluster.train import checkpoint_state
 from tests.dist_utils import run_ranks
 
 D, C = 8, 3  # feature dim, sub classes per head
@@ -34,8 +35,8 @@ class _Trunk(nn.Module):
 def _build(num_heads: int, seed: int):
     """Module, heads and optimisers as rounds.Run builds them, from `seed`."""
     from dist_cluster.config import TrainConfig
-    from dist_cluster.heads import RoutedHeads, TrunkAndSuperHead
-    from dist_cluster.trainer import sgd
+    from dist_cluster.train.heads import RoutedHeads, TrunkAndSuperHead
+    from dist_cluster.train.trainer import sgd
     torch.manual_seed(seed)
     module = TrunkAndSuperHead(_Trunk(), num_heads, seed=seed)
     heads = RoutedHeads(D, num_heads, C, seed=seed)
@@ -68,8 +69,8 @@ def _equal(a: dict, b: dict) -> bool:
 
 def _what_is_on_disk(run_dir, world: int, step: int) -> dict:
     """Per file: which heads it holds and their tensor bytes; the shared file's keys."""
-    files = {r: torch.load(checkpoint.rank_file(run_dir, r, step), weights_only=True) for r in range(world)}
-    shared = torch.load(checkpoint.shared_file(run_dir, step), weights_only=True)
+    files = {r: torch.load(store.rank_file(run_dir, r, step), weights_only=True) for r in range(world)}
+    shared = torch.load(store.shared_file(run_dir, step), weights_only=True)
     return {"heads": {r: sorted(f["heads"]) for r, f in files.items()},
             "head_keys": {r: {s: sorted(h) for s, h in f["heads"].items()} for r, f in files.items()},
             "head_bytes": sum(tensor_bytes(f["heads"]) for f in files.values()),
@@ -78,30 +79,31 @@ def _what_is_on_disk(run_dir, world: int, step: int) -> dict:
 
 
 def _save_and_resume(rank, world, tmp):
-    from dist_cluster import comm
-    from dist_cluster.ckpt_writer import CheckpointWriter
+    from dist_cluster.checkpoint.writer import CheckpointWriter
+    from dist_cluster.runtime import comm
     out = {}
     for name, num_heads in CASES.items():
         run_dir = tmp / name.replace(" ", "")
         module, heads, trunk_opt, head_opt = _build(num_heads, seed=1)
         for k in range(2):
             _step(module, heads, trunk_opt, head_opt, k)
-        before, super_before = _state(heads, head_opt), ckpt_state.param_state(head_opt, module.super_head)
+        before, super_before = _state(heads, head_opt), checkpoint_state.param_state(head_opt, module.super_head)
         writer = CheckpointWriter(run_dir)
-        shared = ckpt_state.shared_record(module, trunk_opt, head_opt, {"global_step": 2}, "seed: 0\n")
-        writer.save(shared if rank == 0 else None, ckpt_state.rank_record(heads, head_opt, torch.device("cpu")), 2)
+        shared = checkpoint_state.shared_record(module, trunk_opt, head_opt, {"global_step": 2}, "seed: 0\n")
+        own = checkpoint_state.rank_record(heads, head_opt, torch.device("cpu"))
+        writer.save(shared if rank == 0 else None, own, 2)
         writer.wait()
         comm.barrier()
         disk = _what_is_on_disk(run_dir, world, 2) if rank == 0 else None
         # a fresh process's objects (another seed), restored as Run.resume and Run.restore_heads do
         module2, heads2, trunk_opt2, head_opt2 = _build(num_heads, seed=2)
-        loaded = checkpoint.load(run_dir)
+        loaded = store.load(run_dir)
         module2.load_state_dict(loaded.shared["model"])
         trunk_opt2.load_state_dict(loaded.shared["trunk_opt"])
-        ckpt_state.restore_from(loaded, run_dir, torch.device("cpu"), module2, heads2, head_opt2)
+        checkpoint_state.restore_from(loaded, run_dir, torch.device("cpu"), module2, heads2, head_opt2)
         restored = _equal(_state(heads2, head_opt2), before)
         super_restored = all(torch.equal(super_before[n]["momentum_buffer"], v["momentum_buffer"])
-                             for n, v in ckpt_state.param_state(head_opt2, module2.super_head).items())
+                             for n, v in checkpoint_state.param_state(head_opt2, module2.super_head).items())
         _step(module, heads, trunk_opt, head_opt, 2)  # one more step: the momentum is really the same
         _step(module2, heads2, trunk_opt2, head_opt2, 2)
         same_after = _equal(_state(heads2, head_opt2), _state(heads, head_opt)) and all(
@@ -146,7 +148,7 @@ def _old_layout(rank, world):
     shared = {"model": module.state_dict()}  # no "format"
     per_rank = {"heads": heads.state_dict(), "head_opt": head_opt.state_dict()}
     module2, heads2, _, head_opt2 = _build(3, seed=2)
-    ckpt_state.restore_heads(module2, heads2, head_opt2, shared, per_rank, read_rank_file=None)
+    checkpoint_state.restore_heads(module2, heads2, head_opt2, shared, per_rank, read_rank_file=None)
     return _equal(_state(heads2, head_opt2), before)
 
 
@@ -165,10 +167,10 @@ def _run_losses(rank, world, tmp, shards, mode, crash_at):
     """Train losses per step of a run (2 rounds of 3 steps, a save after every step), and with
     crash_at, of the same run crashed right after saving that step (its write still pending) and
     run again; plus the resume events."""
-    from dist_cluster import comm
-    from dist_cluster.ckpt_writer import join_abandoned
-    from dist_cluster.logger import read_metrics
-    from dist_cluster.rounds import Run
+    from dist_cluster.checkpoint.writer import join_abandoned
+    from dist_cluster.run.rounds import Run
+    from dist_cluster.runtime import comm
+    from dist_cluster.runtime.logger import read_metrics
     from tests.test_rounds import small_run_config
 
     class Crashing(Run):
@@ -223,7 +225,7 @@ def test_a_resumed_run_matches_an_uninterrupted_one_with_shared_and_several_head
 def test_the_plan_counts_one_copy_per_save():
     """The paper's run (64 GPUs, 16 heads of Linear(4096, 80000) in groups of 4): ~43 GB a save, not
     the ~168 GB of every owner writing its copy."""
-    from dist_cluster.plan import PlanInputs, plan
+    from dist_cluster.plan.planner import PlanInputs, plan
     train = plan(PlanInputs(images=96_000_000, gpus=64))[-1]
     (note,) = [n for n in train.notes if n.startswith("checkpoint")]
     assert note.startswith("checkpoint 43.0 GB per save: one copy of each parameter and its momentum")

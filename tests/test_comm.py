@@ -1,4 +1,4 @@
-"""The collective rule, by construction: only dist_cluster/comm.py calls torch.distributed
+"""The collective rule, by construction: only dist_cluster/runtime/comm.py calls torch.distributed
 collectives; every stage takes the run's device; comm returns results where the caller asks.
 
     ~/.cache/dist_cluster/venv/bin/python -m pytest -q tests/test_comm.py
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dist_cluster import comm
+from dist_cluster.runtime import comm
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
                "all_to_all_single", "broadcast", "broadcast_object_list", "reduce_scatter",
                "reduce_scatter_tensor", "barrier", "gather", "gather_object", "scatter", "scatter_object_list",
                "reduce", "send", "recv", "isend", "irecv", "monitored_barrier"}
-ALLOWED = {ROOT / "dist_cluster" / "comm.py"}
+ALLOWED = {ROOT / "dist_cluster" / "runtime" / "comm.py"}
 
 
 def _distributed_aliases(tree: ast.AST) -> set[str]:
@@ -61,7 +61,7 @@ def _sources():
 
 def test_only_comm_calls_collectives():
     offenders = [hit for path in _sources() if path not in ALLOWED for hit in collective_calls(path)]
-    assert offenders == [], "collectives outside dist_cluster/comm.py:\n" + "\n".join(offenders)
+    assert offenders == [], "collectives outside dist_cluster/runtime/comm.py:\n" + "\n".join(offenders)
 
 
 def test_the_source_test_sees_what_it_must(tmp_path):
@@ -79,12 +79,12 @@ def test_every_stage_takes_the_device_explicitly():
     """No stage infers its device from its input: the device is a required argument."""
     import inspect
 
+    from dist_cluster.cluster.extract import extract_features
     from dist_cluster.cluster.hierarchy import hierarchical_kmeans
     from dist_cluster.cluster.kmeans import initial_centroids, kmeans
     from dist_cluster.cluster.pca import PCAWhitening, fit_pca
     from dist_cluster.cluster.stage import run_clustering
-    from dist_cluster.data import make_loader
-    from dist_cluster.extract import extract_features
+    from dist_cluster.data.loader import make_loader
     for fn in (fit_pca, PCAWhitening.apply, kmeans, initial_centroids, hierarchical_kmeans, run_clustering,
                extract_features, make_loader):
         param = inspect.signature(fn).parameters.get("device")

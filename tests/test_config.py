@@ -81,8 +81,8 @@ def test_unreadable_data_train_names_the_key(tmp_path):
 
 
 def test_launch_train_fails_before_any_work(ten_images, tmp_path, monkeypatch, capsys):
+    import dist_cluster.run.rounds as rounds
     from launch.train import main
-    import dist_cluster.rounds as rounds
     monkeypatch.setattr(rounds, "train", lambda cfg: pytest.fail("training started"))
     run_dir = tmp_path / "run"
     for bad in ("cluster.k=16", "train.log_every_steps=0"):

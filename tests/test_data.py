@@ -9,11 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from dist_cluster.data import (ShardLoader, assign_shards, read_plan, reduce_stats, steps_per_epoch,
-                               _batch_owners, _greedy_bins)
-from dist_cluster.manifest import Manifest, ShardInfo
-from dist_cluster.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomRot90, all_rotations,
-                                     extract_transform, random_rotations, rotate_batch, train_transform)
+from dist_cluster.data.loader import (
+    ShardLoader,
+    _batch_owners,
+    _greedy_bins,
+    assign_shards,
+    read_plan,
+    reduce_stats,
+    steps_per_epoch,
+)
+from dist_cluster.data.manifest import Manifest, ShardInfo
+from dist_cluster.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomRot90,
+    all_rotations,
+    extract_transform,
+    random_rotations,
+    rotate_batch,
+    train_transform,
+)
 from tests.dist_utils import run_ranks
 from tests.shard_fixtures import make_shards, sample_key, truncate_file
 
@@ -303,7 +318,7 @@ def test_make_loader_follows_the_run_device_not_the_machine(even, monkeypatch):
     """dist.device=cpu on a machine with CUDA: batches stay on the CPU, no pinned memory."""
     from types import SimpleNamespace
 
-    from dist_cluster.data import make_loader
+    from dist_cluster.data.loader import make_loader
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = SimpleNamespace(batch_size=BATCH, num_workers=0, shuffle_buffer=8, max_samples=0,
                           allow_short_shards=False, decode="cpu", max_image_pixels=1000)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dist_cluster.config import ConfigError, load_config
-from dist_cluster.data import ShardLoader, make_loader
-from dist_cluster.transforms import IMAGENET_STD, extract_transform, train_transform
+from dist_cluster.data.loader import ShardLoader, make_loader
+from dist_cluster.data.transforms import IMAGENET_STD, extract_transform, train_transform
 from tests.shard_fixtures import encode_image, make_shards, sample_key, write_shards
 
 CPU = torch.device("cpu")

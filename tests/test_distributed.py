@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_cluster import distributed
-from dist_cluster.distributed import detect_ranks, first_slurm_host, imbalance, ownership
+from dist_cluster.runtime import distributed
+from dist_cluster.runtime.distributed import detect_ranks, first_slurm_host, imbalance, ownership
 from tests.dist_utils import run_ranks
 
 
@@ -134,6 +134,7 @@ def test_torchrun_restart_attempts_do_not_read_each_others_addresses():
     """torchrun keeps one store for all attempts of a run (TORCHELASTIC_USE_AGENT_STORE): attempt 1
     must not connect to the addresses attempt 0 published there (the restart hang of kill -9)."""
     import queue as queue_module
+
     import torch.multiprocessing as mp
     agent_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")

@@ -10,8 +10,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from dist_cluster.evaluation.features import (extract_split, gather_rows, gather_split, pool_side, read_labels,
-                                             read_members, share_split)
+
+from dist_cluster.evaluation.features import (
+    extract_split,
+    gather_rows,
+    gather_split,
+    pool_side,
+    read_labels,
+    read_members,
+    share_split,
+)
 from dist_cluster.evaluation.metrics import ami, hungarian_accuracy, knn_predict, nmi, top1
 from dist_cluster.evaluation.probes import fit_linear_probe, kmeans_labels, linear_probe_top1
 from dist_cluster.models import SmallVGG

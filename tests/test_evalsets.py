@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dist_cluster.evaluation.evalsets import (check_free, clean_name, list_evaluations, manifest_set_name,
-                                              result_stem)
-from dist_cluster.manifest import Manifest, ShardInfo
+from dist_cluster.data.manifest import Manifest, ShardInfo
+from dist_cluster.evaluation.evalsets import check_free, clean_name, list_evaluations, manifest_set_name, result_stem
 
 
 def _shards(root, name):

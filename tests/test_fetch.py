@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_cluster.manifest import load_manifest
+from dist_cluster.data.manifest import load_manifest
 from shards.build import main as build_main
 from shards.fetch import FetchError, fetch_in_order, urllib_fetch
 

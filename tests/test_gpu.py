@@ -34,7 +34,7 @@ def _ddp(module, device):
 @pytest.fixture(scope="module")
 def cuda():
     """One NCCL process group of world size 1 for the whole module (gloo on CPU in the rehearsal)."""
-    from dist_cluster import distributed
+    from dist_cluster.runtime import distributed
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
     backend, device = ("gloo", "cpu") if REHEARSAL else ("nccl", "cuda")
@@ -45,7 +45,7 @@ def cuda():
 
 
 def test_comm_collectives_place_tensors_for_nccl(cuda):
-    from dist_cluster import comm
+    from dist_cluster.runtime import comm
     t = torch.tensor([3.0])  # a CPU tensor: NCCL alone would reject it
     assert comm.all_reduce(t) is t and t.item() == 3.0
     assert comm.all_reduce(torch.tensor([2.0], device=cuda), op=comm.MAX).device == cuda
@@ -101,6 +101,7 @@ def test_hierarchical_clustering_on_cuda_from_a_memmap(cuda, tmp_path):
 
 def test_run_clustering_and_nmi_through_nccl(cuda, tmp_path):
     from sklearn.metrics import normalized_mutual_info_score
+
     from dist_cluster.cluster.nmi import distributed_nmi
     from dist_cluster.cluster.stage import run_clustering
     from dist_cluster.config import ClusterConfig
@@ -120,9 +121,9 @@ def test_run_clustering_and_nmi_through_nccl(cuda, tmp_path):
 
 def _case_on_cuda(case, device):
     """tests/test_heads.py's distributed step, on CUDA: trainer.train_step through NCCL."""
-    from dist_cluster.heads import RoutedHeads, TrunkAndSuperHead
-    from dist_cluster.targets import Targets
-    from dist_cluster.trainer import PendingStats, sgd, train_step
+    from dist_cluster.train.heads import RoutedHeads, TrunkAndSuperHead
+    from dist_cluster.train.targets import Targets
+    from dist_cluster.train.trainer import PendingStats, sgd, train_step
     from tests import test_heads as th
     num_super, sub_classes, sizes, weighted, seed, skip = case
     x, sup, sub, w_super, w_sub = th._case_data(*case[:5], skip)
@@ -152,7 +153,7 @@ def _head_grads_through_nccl(device, overlap):
     """One loss + backward + sync_grads with every owned head's reduce forced through NCCL (world 1
     has no shared head otherwise); returns the head gradients and the host syncs counted by CUDA in
     backward + sync_grads (the hooks' launches and the waits)."""
-    from dist_cluster.heads import RoutedHeads
+    from dist_cluster.train.heads import RoutedHeads
     heads = RoutedHeads(8, 2, 5, device, seed=0, overlap=overlap)
     heads._grads.shared = set(heads.owned)
     gen = torch.Generator().manual_seed(0)
@@ -183,10 +184,10 @@ def test_head_reduces_during_backward_through_nccl_without_host_syncs(cuda):
 def _smallvgg_run(device, bf16=True, channels_last=True):
     from omegaconf import OmegaConf
 
-    from dist_cluster.heads import RoutedHeads, TrunkAndSuperHead
     from dist_cluster.models import initial_trunk
-    from dist_cluster.syncbn import convert_sync_batchnorm
-    from dist_cluster.trainer import sgd
+    from dist_cluster.runtime.syncbn import convert_sync_batchnorm
+    from dist_cluster.train.heads import RoutedHeads, TrunkAndSuperHead
+    from dist_cluster.train.trainer import sgd
     cfg = OmegaConf.create({"train": {"bf16": bf16, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-5},
                             "model": {"arch": "smallvgg", "sobel": True, "feature_dim": 64, "pool_size": 3,
                                       "channels_last": channels_last}})
@@ -201,7 +202,7 @@ def _smallvgg_run(device, bf16=True, channels_last=True):
 
 
 def _table():
-    from dist_cluster.targets import LabelTable
+    from dist_cluster.train.targets import LabelTable
     keys = np.array([f"k{i}" for i in range(64)])
     sup = np.arange(64) % 2
     sub = sup * 5 + np.arange(64) % 5
@@ -212,8 +213,8 @@ def _table():
 @needs_cuda
 def test_one_training_step_blocks_the_host_once(cuda):
     """Issue target: at most one blocking sync per step (it was about 25), counted by CUDA itself."""
-    from dist_cluster.targets import make_targets
-    from dist_cluster.trainer import PendingStats, train_step
+    from dist_cluster.train.targets import make_targets
+    from dist_cluster.train.trainer import PendingStats, train_step
     cfg, module, model, heads, (trunk_opt, head_opt) = _smallvgg_run(cuda)
     keys, table = _table()
     images = torch.randn(64, 3, 28, 28, device=cuda)
@@ -241,7 +242,7 @@ def test_one_training_step_blocks_the_host_once(cuda):
 def test_syncbn_on_cuda_is_torchs_and_matches_batchnorm(cuda):
     from torch import nn
 
-    from dist_cluster.syncbn import convert_sync_batchnorm
+    from dist_cluster.runtime.syncbn import convert_sync_batchnorm
     bn = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), cuda).to(cuda)
     assert isinstance(bn[0], nn.SyncBatchNorm)
     ref = nn.BatchNorm2d(4).to(cuda)
@@ -250,7 +251,7 @@ def test_syncbn_on_cuda_is_torchs_and_matches_batchnorm(cuda):
 
 
 def test_bf16_autocast_and_channels_last_agree_with_fp32(cuda):
-    from dist_cluster.extract import autocast_for
+    from dist_cluster.runtime.distributed import autocast_for
     _, module, _, _, _ = _smallvgg_run(cuda, channels_last=True)
     _, plain, _, _, _ = _smallvgg_run(cuda, channels_last=False)
     plain.load_state_dict(module.state_dict())
@@ -268,27 +269,27 @@ def test_bf16_autocast_and_channels_last_agree_with_fp32(cuda):
 
 @needs_cuda
 def test_cuda_rng_is_checkpointed_and_per_rank(cuda):
-    from dist_cluster import checkpoint
-    from dist_cluster.trainer import seed_this_rank
+    from dist_cluster.checkpoint import store
+    from dist_cluster.train.trainer import seed_this_rank
     seed_this_rank(0, 0)
     a = torch.rand(4, device=cuda)
     seed_this_rank(0, 1)
     b = torch.rand(4, device=cuda)
     assert not torch.equal(a, b)  # rank 0 and rank 1 draw different dropout masks
-    state = checkpoint.rng_state(cuda)
+    state = store.rng_state(cuda)
     assert "cuda_rng" in state
     first = torch.rand(4, device=cuda)
-    checkpoint.set_rng_state(state, cuda)
+    store.set_rng_state(state, cuda)
     assert torch.equal(first, torch.rand(4, device=cuda))
 
 
 @needs_cuda
 def test_checkpoint_host_copy_and_background_save_on_cuda(cuda, tmp_path):
-    """ckpt_writer.snapshot: pinned host copies, complete when it returns (a kernel writing the
+    """writer.snapshot: pinned host copies, complete when it returns (a kernel writing the
     original right after cannot reach the copy); a background save of CUDA state, published over
     NCCL, loads back onto the device."""
-    from dist_cluster import checkpoint
-    from dist_cluster.ckpt_writer import CheckpointWriter, snapshot
+    from dist_cluster.checkpoint import store
+    from dist_cluster.checkpoint.writer import CheckpointWriter, snapshot
     live = {"w": torch.randn(4096, 1024, device=cuda), "m": [torch.arange(5.0, device=cuda)], "step": 3}
     host = snapshot(live)
     expected = live["w"].cpu()
@@ -298,14 +299,14 @@ def test_checkpoint_host_copy_and_background_save_on_cuda(cuda, tmp_path):
     writer = CheckpointWriter(tmp_path)
     writer.save({"model": {"w": live["w"]}, "config": ""}, {"h": live["m"][0]}, 7)
     writer.wait()
-    loaded = checkpoint.load(tmp_path, map_location=cuda)
+    loaded = store.load(tmp_path, map_location=cuda)
     assert loaded.shared["model"]["w"].device == cuda and torch.equal(loaded.shared["model"]["w"], live["w"])
 
 
 def test_loader_and_targets_follow_the_run_device(cuda, tmp_path):
     from dist_cluster.config import DataConfig
-    from dist_cluster.data import make_loader
-    from dist_cluster.transforms import train_transform
+    from dist_cluster.data.loader import make_loader
+    from dist_cluster.data.transforms import train_transform
     from tests.shard_fixtures import make_shards
     shards = make_shards(tmp_path, 2, 8, size=16)
     cfg = DataConfig(batch_size=4, num_workers=0, shuffle_buffer=4)  # every key the loader reads

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_cluster.distributed import ownership
-from dist_cluster.head_grads import HeadGradSync
-from dist_cluster.heads import HEAD_INIT_STD, RoutedHeads, TrunkAndSuperHead
-from dist_cluster.targets import Targets
-from dist_cluster.trainer import PendingStats, sgd, train_step
+from dist_cluster.runtime.distributed import ownership
+from dist_cluster.train.head_grads import HeadGradSync
+from dist_cluster.train.heads import HEAD_INIT_STD, RoutedHeads, TrunkAndSuperHead
+from dist_cluster.train.targets import Targets
+from dist_cluster.train.trainer import PendingStats, sgd, train_step
 from tests.dist_utils import run_ranks
 
 IN_DIM, FEAT_DIM = 6, 5
@@ -217,7 +217,7 @@ def _reduce_order(rank, world, case, overlap):
     """One train_step recording, in order: each head-gradient reduce started, the trunk's first
     layer's gradient accumulated (the last of backward), sync_grads called. Also this rank's rows
     per owned head and its head gradients."""
-    from dist_cluster import comm
+    from dist_cluster.runtime import comm
     module, model, heads, (trunk_opt, head_opt), targets = _setup(rank, case, overlap)
     events, rows, real_reduce, real_loss, real_sync = [], {}, comm.all_reduce_async, heads.loss, heads.sync_grads
 

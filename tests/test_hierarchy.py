@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 
 from dist_cluster.cluster.hierarchy import hierarchical_kmeans
-from dist_cluster.cluster.route import route_destinations
 from dist_cluster.cluster.nmi import distributed_nmi
+from dist_cluster.cluster.route import route_destinations
 from dist_cluster.cluster.stage import load_cluster_state, round_dir, run_clustering
 from dist_cluster.config import ClusterConfig
-from dist_cluster.distributed import imbalance, ownership
-from dist_cluster.logger import MetricLogger, read_metrics
+from dist_cluster.runtime.distributed import imbalance, ownership
+from dist_cluster.runtime.logger import MetricLogger, read_metrics
 from tests.dist_utils import run_ranks
 from tests.test_kmeans import numpy_lloyd
 

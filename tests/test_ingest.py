@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_cluster.manifest import load_manifest
+from dist_cluster.data.manifest import load_manifest
 from shards.ingest import count_lines, duplicate_positions, main, make_slices
 from shards.yfcc import YfccSource
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_cluster.logger import read_metrics
-from dist_cluster.preemption import PREEMPTED_EXIT_CODE
-from tests.shard_fixtures import make_shards
+from dist_cluster.runtime.logger import read_metrics
+from dist_cluster.runtime.preemption import PREEMPTED_EXIT_CODE
 from tests.processes import kill_tagged, new_token, tagged_env
+from tests.shard_fixtures import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 FORWARD_USR2 = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"

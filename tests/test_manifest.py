@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from dist_cluster.config import ConfigError, load_config, validate_against_data
-from dist_cluster.data import ShardLoader
-from dist_cluster.data_worker import ShortShardError
-from dist_cluster.manifest import ManifestError, load_manifest
+from dist_cluster.data.loader import ShardLoader
+from dist_cluster.data.manifest import ManifestError, load_manifest
+from dist_cluster.data.worker import ShortShardError
 from tests.shard_fixtures import make_shards, truncate_file
 
 SMOKE = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")

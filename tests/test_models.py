@@ -12,9 +12,8 @@ import torchvision
 from scipy.signal import correlate2d
 
 from dist_cluster.config import load_config
-from dist_cluster.models import ResNet50, SmallVGG, Sobel, VGG16BN, build_trunk
-from dist_cluster.models.export import (export_backbone, load_exported, penultimate,
-                                        torchvision_backbone)
+from dist_cluster.models import VGG16BN, ResNet50, SmallVGG, Sobel, build_trunk
+from dist_cluster.models.export import export_backbone, load_exported, penultimate, torchvision_backbone
 from dist_cluster.models.sobel import fold_into_conv
 
 torch.set_num_threads(1)

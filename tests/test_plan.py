@@ -14,13 +14,21 @@ import torch
 import torch.nn as nn
 
 from dist_cluster.config import load_config
-from dist_cluster.distributed import ownership
-from dist_cluster.models import ResNet50, SmallVGG, VGG16BN
-from dist_cluster.plan import (PlanInputs, Shape, main, memory_inputs, plan, predicted_smoke, resident_training_bytes,
-                               ring)
-from dist_cluster.plan_memory import MemoryInputs, stage_memory
-from dist_cluster.preemption import NO_POLL
-from dist_cluster.plan_costs import Rate, Rates, arch_cost, measured_rates, default_rates
+from dist_cluster.models import VGG16BN, ResNet50, SmallVGG
+from dist_cluster.plan.costs import Rate, Rates, arch_cost, default_rates, measured_rates
+from dist_cluster.plan.memory import MemoryInputs, stage_memory
+from dist_cluster.plan.planner import (
+    PlanInputs,
+    Shape,
+    main,
+    memory_inputs,
+    plan,
+    predicted_smoke,
+    resident_training_bytes,
+    ring,
+)
+from dist_cluster.runtime.distributed import ownership
+from dist_cluster.runtime.preemption import NO_POLL
 
 SMALL_P = 983_360  # SmallVGG(feature_dim=16, sobel=False): checked against torch below
 
@@ -65,7 +73,7 @@ def test_small_plan_by_hand():
 
     route = rows["route"]
     assert route.net_bytes_round == 250 * 8 * 4
-    # memory (plan_memory.stage_memory, by hand in test_stage_memory_by_hand): on the GPU the training
+    # memory (plan.memory.stage_memory, by hand in test_stage_memory_by_hand): on the GPU the training
     # state, the whitened rows, the receive buffer and one round (here all of it) each way
     resident = resident_training_bytes(small_inputs(), _shape(small_inputs()))
     assert route.gpu_bytes == resident + 8000 + 8000 + 2 * 8000
@@ -242,7 +250,7 @@ def test_bad_inputs_are_clear_errors():
 
 def test_stage_memory_by_hand():
     """1000 rows of D = 16 on a CPU rank of 2, d = 8, k = 8, m = 4, torch E-step, 5-character keys:
-    every figure below is the sum of what the code allocates (plan_memory's docstring)."""
+    every figure below is the sum of what the code allocates (plan.memory's docstring)."""
     st = stage_memory(MemoryInputs(rows=1000, world=2, feature_dim=16, pca_dim=8, k=8, m=4, device="cpu",
                                    backend="torch", memmap_gb=1.0, key_chars=5))
     kept = 64000 + 20000  # features, keys; whitened in place (CPU run, overwrite_features)
@@ -280,8 +288,8 @@ def test_paper_run_fits_32_gb_ram_and_40_gb_gpus(tmp_path):
 def _routed_buffers(rank, world, d, chunks):
     """RoutePlan on balanced labels, per round size: what it allocated and sent, what the
     planner's functions say."""
-    from dist_cluster import comm, distributed
     from dist_cluster.cluster import route
+    from dist_cluster.runtime import comm, distributed
     n, m, out = 400, 4, []
     super_local = torch.arange(n) % m
     for chunk_bytes in chunks:

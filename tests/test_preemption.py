@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_cluster import preemption
-from dist_cluster.extract import extract_features
+from dist_cluster.cluster.extract import extract_features
+from dist_cluster.runtime import preemption
 from tests.dist_utils import run_ranks
 
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_cluster import data_worker, device_decode
 from dist_cluster.config import ConfigError, load_config
-from dist_cluster.data import ShardLoader, make_loader
-from dist_cluster.data_worker import skip_reason
+from dist_cluster.data import device_decode, worker
+from dist_cluster.data.image_header import image_pixels
+from dist_cluster.data.loader import ShardLoader, make_loader
+from dist_cluster.data.worker import skip_reason
 from dist_cluster.evaluation.features import read_labels
-from dist_cluster.image_header import image_pixels
 from tests.shard_fixtures import encode_image, write_shards
 
 CPU = torch.device("cpu")
@@ -104,7 +104,7 @@ def _spy(real, bomb: bytes, seen: list):
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
 def test_bomb_is_skipped_before_decoding(bombed, monkeypatch, decode, fmt):
     shards, seen = bombed[fmt], []
-    monkeypatch.setattr(data_worker, "decode_image", _spy(data_worker.decode_image, shards.bomb, seen))
+    monkeypatch.setattr(worker, "decode_image", _spy(worker.decode_image, shards.bomb, seen))
     monkeypatch.setattr(device_decode, "decode_jpeg", _spy(device_decode.decode_jpeg, shards.bomb, seen))
     loader = ShardLoader(shards.root, 0, 1, 4, 0, None, shuffle=False, equal_steps=False, decode=decode,
                          device=CPU if decode == "device" else None)
@@ -119,7 +119,7 @@ def test_bomb_does_not_grow_the_reader_memory(bombed):
     """The whole read in a fresh process: its peak RSS stays far below the bomb's 1.2 GB of pixels."""
     # the peak is reset after the imports (/proc/self/clear_refs 5): ru_maxrss alone would carry the
     # parent's peak across fork + exec, and the pytest process grows to GBs over the suite
-    script = ("import sys; from dist_cluster.data import ShardLoader\n"
+    script = ("import sys; from dist_cluster.data.loader import ShardLoader\n"
               "open('/proc/self/clear_refs', 'w').write('5')\n"
               "loader = ShardLoader(sys.argv[1], 0, 1, 1, 0, None, shuffle=False, equal_steps=False)\n"
               "n = sum(len(k) for _, k, _ in loader)\n"

@@ -15,11 +15,11 @@ import torch
 from scipy import stats as scipy_stats
 
 from dist_cluster.config import ConfigError, load_config
-from dist_cluster.data import ShardLoader, assign_shards, reduce_stats, steps_per_epoch
-from dist_cluster.manifest import load_manifest
-from dist_cluster.resample import draw_count, expected_counts
-from dist_cluster.targets import LabelTable, make_targets
-from dist_cluster.transforms import train_transform
+from dist_cluster.data.loader import ShardLoader, assign_shards, reduce_stats, steps_per_epoch
+from dist_cluster.data.manifest import load_manifest
+from dist_cluster.data.resample import draw_count, expected_counts
+from dist_cluster.data.transforms import train_transform
+from dist_cluster.train.targets import LabelTable, make_targets
 from tests.dist_utils import run_ranks
 from tests.shard_fixtures import make_shards
 

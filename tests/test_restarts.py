@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_cluster.logger import read_metrics
+from dist_cluster.runtime.logger import read_metrics
 from tests.processes import kill_tagged, new_token, tagged_env
 from tests.shard_fixtures import make_shards
 

@@ -82,13 +82,13 @@ def data(tmp_path_factory):
 
 
 def _state(run_dir):
-    from dist_cluster.logger import read_metrics
+    from dist_cluster.runtime.logger import read_metrics
     return (run_dir / "config.yaml").read_bytes(), len(read_metrics(run_dir)), \
         sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
 def _train(rank, world, run_dir, shards):
-    from dist_cluster.rounds import train
+    from dist_cluster.run.rounds import train
     train(_config(run_dir, shards))
 
 
@@ -110,7 +110,7 @@ def keep_usr2():
 def test_other_keys_fail_before_any_work_naming_both_values(finished, data, keep_usr2):
     """In this process: rounds.train refuses before torch.distributed (and before the loader, the
     model, config.yaml, metrics.jsonl)."""
-    from dist_cluster.rounds import train
+    from dist_cluster.run.rounds import train
     shards, other = data
     before = _state(finished)
     for key, (old, new) in {**CHANGED, "data.train": (str(shards), str(other))}.items():
@@ -134,8 +134,8 @@ def test_launch_train_names_the_keys_and_exits_2(finished, data, capsys):
 
 def _extend(rank, world, run_dir, shards):
     """Run itself refuses too (for callers that skip train()); then train.epochs=2 extends the run."""
-    from dist_cluster.logger import read_metrics
-    from dist_cluster.rounds import Run, train
+    from dist_cluster.run.rounds import Run, train
+    from dist_cluster.runtime.logger import read_metrics
     try:
         Run(_config(run_dir, shards, "cluster.k=4")).run()
         refused = None

@@ -23,7 +23,7 @@ def small_run_config(mode, run_dir, shards, epochs, ckpt_every_steps=0):
 
 def _heads_at_round_edges(rank, world, mode, run_dir, shards, epochs_per_run):
     """Super-head weights at the start and end of every round, over one or more runs of run_dir."""
-    from dist_cluster.rounds import Run
+    from dist_cluster.run.rounds import Run
     seen = []
 
     class Recording(Run):
@@ -60,7 +60,7 @@ def test_classifier_carries_over_only_when_targets_are_fixed(mode, shards, tmp_p
 
 def _state_while_clustering(rank, world, run_dir, shards):
     """What the run holds on entering CLUSTER in round 1: no heads, no head optimiser, no gradient."""
-    from dist_cluster import rounds
+    from dist_cluster.run import rounds
     seen = []
     real = rounds.run_clustering
 

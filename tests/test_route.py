@@ -7,7 +7,7 @@ size; labels come back in each rank's own row order; no round moves more than it
 import numpy as np
 import torch
 
-from dist_cluster import comm, distributed
+from dist_cluster.runtime import comm, distributed
 from tests.dist_utils import run_ranks
 
 M, SIZES = 4, (11, 0, 17)  # rank 1 has no rows

@@ -12,11 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dist_cluster import preemption
 from dist_cluster.cluster import stage
+from dist_cluster.cluster.extract import extract_features, feature_buffer
 from dist_cluster.config import ClusterConfig
-from dist_cluster.extract import extract_features, feature_buffer
-from dist_cluster.logger import MetricLogger
+from dist_cluster.runtime import preemption
+from dist_cluster.runtime.logger import MetricLogger
 
 CPU = torch.device("cpu")
 
@@ -37,7 +37,7 @@ def shared(tmp_path):
 
 
 def test_private_memmap_is_exclusive_private_and_leaves_nothing(shared, monkeypatch):
-    from dist_cluster import scratch
+    from dist_cluster.runtime import scratch
     seen, real = [], np.memmap
 
     def spying_memmap(f, *args, **kwargs):  # what the folder and file look like while mapped

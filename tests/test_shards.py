@@ -27,7 +27,7 @@ from PIL import Image
 
 import shards.sources
 import shards.yfcc
-from dist_cluster.manifest import load_manifest
+from dist_cluster.data.manifest import load_manifest
 from shards import FMNIST_CLASSES, path_to_key, zip_location
 from shards.build import main as build_main
 from tests.ci import skip_unless_ci

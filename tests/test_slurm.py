@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import submitit
 
-from dist_cluster import slurm
 from dist_cluster.config import load_config
-from dist_cluster.distributed import detect_ranks
+from dist_cluster.run import slurm
+from dist_cluster.runtime.distributed import detect_ranks
 from tests.ci import skip_unless_ci
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,8 @@ class DistProbeJob:
         import torch
         torch.set_num_threads(1)
         import torch.distributed as dist
-        from dist_cluster import distributed
+
+        from dist_cluster.runtime import distributed
         exported = slurm.export_dist_env()
         env = distributed.init(backend="gloo", timeout_s=60, device="cpu")
         total = torch.tensor([float(env.rank + 1)])
@@ -234,7 +235,7 @@ def test_checkpoint_resubmits_a_fresh_instance_with_the_same_arguments():
 def test_trainer_preempted_mid_epoch_saves_requeues_and_finishes(tmp_path, importable_tests):
     """The real Trainer on 2 local tasks, USR2 mid-epoch with no periodic checkpoint: every rank
     saves the step it is in, task 0 requeues, the new job resumes at that step and finishes."""
-    from dist_cluster.logger import read_metrics
+    from dist_cluster.runtime.logger import read_metrics
     from shards.build import main as build_main
     shards = tmp_path / "shards"
     assert build_main(["fmnist", "--split", "train", "--limit", "640", "--shard-size", "160",

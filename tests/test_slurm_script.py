@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_cluster import slurm
+from dist_cluster.run import slurm
 
 REPO = Path(__file__).resolve().parent.parent
 NAME_FIELDS = ("--partition", "--job-name", "--account", "--qos", "--constraint")

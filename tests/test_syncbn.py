@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from dist_cluster.syncbn import convert_sync_batchnorm
+from dist_cluster.runtime.syncbn import convert_sync_batchnorm
 from tests.dist_utils import run_ranks
 
 SIZES = [5, 3, 8, 4]  # unequal local batches: the count must be reduced, not assumed

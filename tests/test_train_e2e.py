@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from dist_cluster.config import load_config
-from dist_cluster.logger import read_metrics
-from dist_cluster.plan import predicted_smoke
-from dist_cluster.manifest import load_manifest
+from dist_cluster.data.manifest import load_manifest
+from dist_cluster.plan.planner import predicted_smoke
+from dist_cluster.runtime.logger import read_metrics
 from tests.shard_fixtures import make_class_shards
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dist_cluster.config import ConfigError, load_config
-from dist_cluster.targets import LabelTable, make_targets
-from dist_cluster.trainer import PendingStats, lr_at, step_stats_vector
+from dist_cluster.train.targets import LabelTable, make_targets
+from dist_cluster.train.trainer import PendingStats, lr_at, step_stats_vector
 from tests.dist_utils import run_ranks
 
 
@@ -129,16 +129,16 @@ def test_one_step_reads_the_host_once():
 def _draws_after_run_seeding(rank, world):
     """What rounds.Run does around model construction: the same init everywhere, then per-rank
     streams (dropout masks must differ between ranks, CUDA ones included)."""
-    from dist_cluster import checkpoint
+    from dist_cluster.checkpoint import store
     from dist_cluster.models import initial_trunk
-    from dist_cluster.trainer import seed_this_rank
+    from dist_cluster.train.trainer import seed_this_rank
     cfg = load_config(None, ["model.feature_dim=8", "cluster.pca_dim=8"])
     trunk = initial_trunk(cfg.model, 28, cfg.seed)
     seed_this_rank(cfg.seed, rank)
     mask = torch.nn.functional.dropout(torch.ones(64), 0.5)
-    state = checkpoint.rng_state(torch.device("cpu"))
+    state = store.rng_state(torch.device("cpu"))
     after = torch.rand(4)
-    checkpoint.set_rng_state(state, torch.device("cpu"))
+    store.set_rng_state(state, torch.device("cpu"))
     again = torch.rand(4)
     return trunk.state_dict()["blocks.0.0.weight"].numpy(), mask.numpy(), torch.equal(after, again), sorted(state)
 

@@ -1,12 +1,10 @@
-"""The clustering stage: PCA-whitening, sharded k-means, hierarchical k-means with all_to_all routing.
+"""CLUSTER: extract -> PCA-whitening -> hierarchical k-means (level 1, route, level 2) -> return.
 
-    from dist_cluster.cluster import run_clustering, load_cluster_state
+    extract.py    trunk forward over the rank's shards: pre-ReLU features, keys
+    pca.py        covariance by all_reduce, eigh once, whitening + L2
+    kmeans.py     sharded Lloyd iterations (local E-step, all_reduce M-step), empty-cluster re-split
+    route.py      all_to_all of rows to the ranks that own their super-cluster, in bounded rounds
+    hierarchy.py  m super-clusters, then k/m sub-clusters inside each on its owners
+    stage.py      one round of all that, its files in RUN/clusters/round_<r>/, and their readers
+    nmi.py        NMI between two rounds' labels without gathering them; rows.py row access helpers
 """
-from .hierarchy import HierResult, hierarchical_kmeans
-from .kmeans import KMeansResult, kmeans
-from .nmi import distributed_nmi
-from .pca import PCAWhitening, fit_pca
-from .stage import ClusterState, load_cluster_state, run_clustering
-
-__all__ = ["ClusterState", "HierResult", "KMeansResult", "PCAWhitening", "distributed_nmi", "fit_pca",
-           "hierarchical_kmeans", "kmeans", "load_cluster_state", "run_clustering"]

@@ -31,15 +31,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
-from .. import distributed
-from ..logger import Timer
-from .. import comm
-from ..preemption import NO_POLL
-from .route import RoutePlan
-from .rows import num_rows
-from .kmeans import KMeansResult, kmeans
+from dist_cluster.cluster.kmeans import KMeansResult, kmeans
+from dist_cluster.cluster.route import RoutePlan
+from dist_cluster.cluster.rows import num_rows
+from dist_cluster.runtime import comm, distributed
+from dist_cluster.runtime.logger import Timer
+from dist_cluster.runtime.preemption import NO_POLL
 
 _GROUP_CACHE = distributed.GroupCache(capacity=2)  # level-2 groups of the latest partitions
 ROUTE_CHUNK_BYTES = 256 << 20  # per rank and routing round, each way (route.py)

@@ -26,9 +26,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .. import comm
-from ..preemption import NO_POLL
-from .rows import num_rows, row_chunks, take_rows
+from dist_cluster.cluster.rows import num_rows, row_chunks, take_rows
+from dist_cluster.runtime import comm
+from dist_cluster.runtime.preemption import NO_POLL
 
 SPLIT_EPS = 1.0 / 1024  # relative perturbation of a split centroid (faiss uses the same)
 DATA_CHUNK_ELEMENTS = 2**24  # rows per data chunk = this / d (one chunk of a memmap in RAM at a time)

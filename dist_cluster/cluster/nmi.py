@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import comm
+from dist_cluster.runtime import comm
 
 
 def _entropy(counts: np.ndarray, total: float) -> float:

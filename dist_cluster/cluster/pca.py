@@ -18,9 +18,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import comm
-from ..preemption import NO_POLL
-from .rows import num_rows, row_chunks
+from dist_cluster.cluster.rows import num_rows, row_chunks
+from dist_cluster.runtime import comm
+from dist_cluster.runtime.preemption import NO_POLL
 
 CHUNK_ELEMENTS = 2**24  # rows per chunk = this / D: bounds the float64 copy of a chunk (128 MiB)
 
@@ -34,7 +34,7 @@ def _chunk_rows(d: int, chunk_rows: Optional[int]) -> int:
 
 # ---------------------------------------------------------------- sizes (the planner's memory model)
 # Each returns {what: (place, bytes)} at the peak of one phase, beyond the input rows; place is
-# "device" (the run's device: host memory on CPU runs) or "host". plan_memory.py adds them up.
+# "device" (the run's device: host memory on CPU runs) or "host". plan/memory.py adds them up.
 EIGH_MATRICES = 4  # covariance, eigenvectors, and LAPACK syevd's workspace (lwork = 1 + 6D + 2D^2)
 
 

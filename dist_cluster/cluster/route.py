@@ -22,8 +22,8 @@ from typing import Sequence
 
 import torch
 
-from .. import comm
-from .rows import take_rows
+from dist_cluster.cluster.rows import take_rows
+from dist_cluster.runtime import comm
 
 ROW_DTYPE = torch.float32  # routed rows, in the receive buffer and in flight
 # int64 tensors of n entries alive at once while RoutePlan sorts the rows by destination

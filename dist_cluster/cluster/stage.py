@@ -27,13 +27,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import comm
-from ..logger import Timer
-from ..preemption import NO_POLL
-from ..scratch import private_memmap
-from .hierarchy import HierResult, hierarchical_kmeans
-from .nmi import distributed_nmi
-from .pca import fit_pca
+from dist_cluster.cluster.hierarchy import HierResult, hierarchical_kmeans
+from dist_cluster.cluster.nmi import distributed_nmi
+from dist_cluster.cluster.pca import fit_pca
+from dist_cluster.runtime import comm
+from dist_cluster.runtime.logger import Timer
+from dist_cluster.runtime.preemption import NO_POLL
+from dist_cluster.runtime.scratch import private_memmap
 
 
 @dataclass
@@ -251,3 +251,27 @@ def load_cluster_state(run_dir, round_idx: int, rank: int) -> ClusterState:
     return ClusterState(keys=keys, super=sup, sub=sub, sub_sizes=np.asarray(meta["sub_sizes"], dtype=np.int64),
                         super_sizes=np.asarray(meta["super_sizes"], dtype=np.int64),
                         round_idx=round_idx, k=meta["k"], m=meta["m"])
+
+
+# ----------------------------------------------------------------------------- readers (evaluation, report)
+
+
+def last_complete_round(run_dir) -> Optional[Path]:
+    """RUN/clusters/round_<r>/ of the largest r whose sizes.json (written last) exists."""
+    rounds = [p for p in (Path(run_dir) / "clusters").glob("round_*") if (p / "sizes.json").exists()]
+    return max(rounds, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def load_assignments(round_dir: Path) -> dict:
+    """keys, super, sub of every rank's assignments.rank<i>.npz, concatenated; checks none is missing."""
+    meta = json.loads((round_dir / "sizes.json").read_text())
+    parts = [round_dir / f"assignments.rank{r}.npz" for r in range(meta.get("world_size", 1))]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{round_dir}: {missing} missing for a round clustered by {meta['world_size']} ranks")
+    out = {"keys": [], "super": [], "sub": []}
+    for path in parts:
+        with np.load(path, allow_pickle=False) as data:
+            for name in out:
+                out[name].append(data[name])
+    return {name: np.concatenate(v) for name, v in out.items()} | {"meta": meta}

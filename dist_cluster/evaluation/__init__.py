@@ -11,8 +11,3 @@ tasks.py    the probes as tasks spread over the ranks; stages.py one line per st
 evaluate.py the benchmark (eval.json / eval-<name>.json, evalsets.py); report.py, figures.py, cam.py
             the HTML report; compare.py several runs side by side
 """
-from .metrics import ami, hungarian_accuracy, knn_predict, knn_top1, nmi, top1
-from .probes import fit_linear_probe, kmeans_labels, linear_probe_top1
-
-__all__ = ["ami", "hungarian_accuracy", "knn_predict", "knn_top1", "nmi", "top1", "fit_linear_probe",
-           "kmeans_labels", "linear_probe_top1"]

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import flatten
-from ..logger import read_metrics
-from .evalsets import list_evaluations
-from .figures import plot_runs_curves, stage_seconds
+from dist_cluster.config import flatten
+from dist_cluster.evaluation.evalsets import list_evaluations
+from dist_cluster.evaluation.figures import plot_runs_curves, stage_seconds
+from dist_cluster.runtime.logger import read_metrics
 
 MISSING = "-"
 
@@ -128,7 +128,7 @@ def _html_table(header: list, rows: list) -> str:
 
 def write_html(path: Path, runs: Sequence[Run], curves: Optional[Path]) -> Path:
     """DIR/compare.html, self-contained: the curves inline as a base64 PNG."""
-    from .report import STYLE
+    from dist_cluster.evaluation.report import STYLE
     diffs = config_differences(runs)
     figure = "<p>no training events</p>"
     if curves is not None:

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ..manifest import load_manifest
+from dist_cluster.data.manifest import load_manifest
 
 OWN = "eval"
 

@@ -35,13 +35,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import comm, distributed
-from ..manifest import load_manifest
-from . import tasks as probe_tasks
-from .evalsets import check_free, is_own_data, manifest_set_name, result_stem
-from .features import Split, extract_split, load_backbone, read_labels, share_split
-from .metrics import nmi
-from .stages import Stage, say
+from dist_cluster.cluster.stage import last_complete_round, load_assignments
+from dist_cluster.data.manifest import load_manifest
+from dist_cluster.evaluation import tasks as probe_tasks
+from dist_cluster.evaluation.evalsets import check_free, is_own_data, manifest_set_name, result_stem
+from dist_cluster.evaluation.features import Split, extract_split, load_backbone, read_labels, share_split
+from dist_cluster.evaluation.metrics import nmi
+from dist_cluster.evaluation.stages import Stage, say
+from dist_cluster.runtime import comm, distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,27 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- the run's own clusters
-
-
-def last_complete_round(run_dir) -> Optional[Path]:
-    """RUN/clusters/round_<r>/ of the largest r whose sizes.json (written last) exists."""
-    rounds = [p for p in (Path(run_dir) / "clusters").glob("round_*") if (p / "sizes.json").exists()]
-    return max(rounds, key=lambda p: int(p.name.split("_")[1]), default=None)
-
-
-def load_assignments(round_dir: Path) -> dict:
-    """keys, super, sub of every rank's assignments.rank<i>.npz, concatenated; checks none is missing."""
-    meta = json.loads((round_dir / "sizes.json").read_text())
-    parts = [round_dir / f"assignments.rank{r}.npz" for r in range(meta.get("world_size", 1))]
-    missing = [p.name for p in parts if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{round_dir}: {missing} missing for a round clustered by {meta['world_size']} ranks")
-    out = {"keys": [], "super": [], "sub": []}
-    for path in parts:
-        with np.load(path, allow_pickle=False) as data:
-            for name in out:
-                out[name].append(data[name])
-    return {name: np.concatenate(v) for name, v in out.items()} | {"meta": meta}
 
 
 def cluster_nmi_train(run_dir, train_dir, labels: Optional[dict] = None) -> dict:
@@ -258,7 +238,7 @@ def evaluate(args) -> Optional[dict]:
                    features="penultimate trunk output, pre-ReLU (linear_top1_relu: ReLU'd)")
     _write(run_dir, stem, results, seconds)
     if not args.no_report:
-        from .report import write_report
+        from dist_cluster.evaluation.report import write_report
         with Stage("report", seconds, key="report") as st:
             st.detail = f"{write_report(args.run, backbone.cfg.data.train, backbone=backbone, seed=args.seed)}"
     seconds["total"] = time.perf_counter() - total

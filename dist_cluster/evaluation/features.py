@@ -16,9 +16,9 @@ result is the same for any number of ranks (up to float rounding).
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 import math
 import tarfile
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -29,14 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from .. import comm
-from ..data import ShardLoader
-from ..data_worker import DEFAULT_MAX_PIXELS
-from ..logger import progress
-from ..manifest import load_manifest
-from ..models import ResNet50, VGG16BN, build_trunk
-from ..models.export import load_exported
-from ..transforms import extract_transform
+from dist_cluster.data.loader import ShardLoader
+from dist_cluster.data.manifest import load_manifest
+from dist_cluster.data.transforms import extract_transform
+from dist_cluster.data.worker import DEFAULT_MAX_PIXELS
+from dist_cluster.models import VGG16BN, ResNet50, build_trunk
+from dist_cluster.models.export import load_exported
+from dist_cluster.runtime import comm
+from dist_cluster.runtime.logger import progress
 
 # ---------------------------------------------------------------- the backbone
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,16 +22,16 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from ..data_worker import IMAGE_EXTS
-from ..logger import read_metrics
-from ..manifest import load_manifest
-from ..transforms import extract_transform
-from . import figures
-from .cam import grad_cam, overlay
-from .evalsets import list_evaluations
-from .evaluate import last_complete_round, load_assignments
-from .features import load_backbone, read_members
-from .stages import Stage
+from dist_cluster.cluster.stage import last_complete_round, load_assignments
+from dist_cluster.data.manifest import load_manifest
+from dist_cluster.data.transforms import extract_transform
+from dist_cluster.data.worker import IMAGE_EXTS
+from dist_cluster.evaluation import figures
+from dist_cluster.evaluation.cam import grad_cam, overlay
+from dist_cluster.evaluation.evalsets import list_evaluations
+from dist_cluster.evaluation.features import load_backbone, read_members
+from dist_cluster.evaluation.stages import Stage
+from dist_cluster.runtime.logger import read_metrics
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"

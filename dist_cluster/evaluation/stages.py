@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional
 
-from .. import distributed
+from dist_cluster.runtime import distributed
 
 
 def say(text: str) -> None:

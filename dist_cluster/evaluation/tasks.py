@@ -19,9 +19,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .metrics import clustering_scores, knn_top1
-from .probes import kmeans_labels, linear_probe_top1
-from .stages import Stage, count_bar
+from dist_cluster.evaluation.metrics import clustering_scores, knn_top1
+from dist_cluster.evaluation.probes import kmeans_labels, linear_probe_top1
+from dist_cluster.evaluation.stages import Stage, count_bar
 
 FEATS = "feats"  # what a task on the penultimate features needs (else: a block name)
 
@@ -135,7 +135,7 @@ def run_tasks(tasks: Sequence[Task], train, test, num_classes: int, s: Settings)
 
 
 def merge(parts: Sequence[dict], num_classes: int) -> dict:
-    """eval.json's probe keys from every rank's task results (the layout the README's tables read)."""
+    """eval.json's probe keys from every rank's task results (the layout docs/quality.md's tables read)."""
     done = {name: value for part in parts for name, value in part.items()}
     out = {}
     if "linear" in done:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .smallvgg import SmallVGG
-from .sobel import Sobel
-from .torchvision_trunks import ResNet50, VGG16BN
+from dist_cluster.models.smallvgg import SmallVGG
+from dist_cluster.models.sobel import Sobel
+from dist_cluster.models.torchvision_trunks import VGG16BN, ResNet50
 
 ARCHS = ("smallvgg", "vgg16_bn", "resnet50")
 

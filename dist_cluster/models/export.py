@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .smallvgg import SmallVGG
-from .sobel import rgb_kernel
-from .torchvision_trunks import ResNet50, VGG16BN
+from dist_cluster.models.smallvgg import SmallVGG
+from dist_cluster.models.sobel import rgb_kernel
+from dist_cluster.models.torchvision_trunks import VGG16BN, ResNet50
 
 # (trunk class, name of the first conv in the state dict, keys of the layer we do not export)
 _TORCHVISION = {

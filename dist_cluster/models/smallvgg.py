@@ -14,7 +14,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
-from .sobel import Sobel
+from dist_cluster.models.sobel import Sobel
 
 # 32-pool-64-pool-128-pool-256-256: a forward+backward of 64 images at 28 px takes ~0.12 s on one
 # CPU thread (~0.10 s channels_last; printed by tests/test_models.py); the wider VGG layout

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from .sobel import Sobel
+from dist_cluster.models.sobel import Sobel
 
 
 def _sobel_first_conv(old: nn.Conv2d) -> tuple[Sobel, nn.Conv2d]:

@@ -13,7 +13,7 @@ Balancing ("big clusters must not dominate"), train.balance:
   resample  the original's sampler (DistUnifTargSampler: uniform over non-empty super-clusters, then
             over the super-cluster's non-empty sub-clusters, then over the cluster's images) realised
             in the stream: image i is read `expected_counts` times per epoch in expectation
-            (repeated or dropped by the loader workers, dist_cluster/resample.py) and weighs 1.
+            (repeated or dropped by the loader workers, dist_cluster/data/resample.py) and weighs 1.
   none      every sample weighs 1, read once per epoch.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .resample import expected_counts
-from .transforms import rotate_batch
+from dist_cluster.data.resample import expected_counts
+from dist_cluster.data.transforms import rotate_batch
 
 
 @dataclass

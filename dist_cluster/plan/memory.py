@@ -14,7 +14,7 @@ round_bytes and index_bytes). This module only says which of them are alive toge
 stage, as run_clustering runs them:
   every stage   the features (RAM, or a local memmap above memmap_gb), the keys, the whitened rows
                 (on the device, in place over the features, or a memmap), what the caller keeps
-                resident (plan.py: the training state, which rounds.py replaces after clustering)
+                resident (plan/planner.py: the training state, which rounds.py replaces after clustering)
   extract       + the per-batch key arrays the key array is concatenated from
   pca           + the larger of fit_pca's phases (moments; eigh on the first rank) and the whitening;
                   from here on the fitted PCA (mean, projection) is kept
@@ -34,12 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import extract
-from .cluster import route
-from .cluster.kmeans import lloyd_memory, result_bytes
-from .cluster.pca import apply_memory, fit_memory, params_elements
-from .cluster.stage import save_buffer_bytes, whitened_place
-from .distributed import ownership
+from dist_cluster.cluster import extract, route
+from dist_cluster.cluster.kmeans import lloyd_memory, result_bytes
+from dist_cluster.cluster.pca import apply_memory, fit_memory, params_elements
+from dist_cluster.cluster.stage import save_buffer_bytes, whitened_place
+from dist_cluster.runtime.distributed import ownership
 
 STAGES = ("extract", "pca", "level1", "route", "level2", "return")
 PLACES = ("host", "device", "disk")
@@ -62,7 +61,7 @@ class MemoryInputs:
     recv_rows: Optional[int] = None  # rows routed to this rank (None: rows, balanced super-clusters)
     resident_device: float = 0.0  # bytes the caller keeps on the device through these stages
     resident_host: float = 0.0
-    extract_device: float = 0.0  # the trunk's forward pass during EXTRACT (plan.py)
+    extract_device: float = 0.0  # the trunk's forward pass during EXTRACT (plan/planner.py)
 
 
 @dataclass

@@ -11,7 +11,7 @@
 
 Plan (from the manifest alone, identical on every rank, independent of the epoch): shards go to
 ranks greedily (largest first to the least-loaded rank), then the same way to the rank's DataLoader
-workers; worker w reads only its own shards (the stream inside a worker: dist_cluster/data_worker.py).
+workers; worker w reads only its own shards (the stream inside a worker: dist_cluster/data/worker.py).
 Batch i of the epoch comes from worker i % W while every worker still has batches (the DataLoader's
 round robin), which is what `_batch_owners` replays to resume mid-epoch.
 """
@@ -25,10 +25,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from . import comm
-from .data_worker import DEFAULT_MAX_PIXELS, STAT_KEYS, WorkerReader
-from .device_decode import DeviceDecoder
-from .manifest import Manifest, ShardInfo, load_manifest
+from dist_cluster.data.device_decode import DeviceDecoder
+from dist_cluster.data.manifest import Manifest, ShardInfo, load_manifest
+from dist_cluster.data.worker import DEFAULT_MAX_PIXELS, STAT_KEYS, WorkerReader
+from dist_cluster.runtime import comm
 
 # ---------------------------------------------------------------- the plan (manifest only)
 
@@ -159,20 +159,20 @@ class ShardLoader:
     equal_steps=True (training): exactly steps_per_epoch(...) full batches on every rank (short
     workers re-read their shards, counted in stats['refilled']).
     A listed shard missing on disk fails here; one with fewer samples than its manifest count fails
-    the epoch when it is read (data_worker.ShortShardError, naming it), unless allow_short_shards
+    the epoch when it is read (worker.ShortShardError, naming it), unless allow_short_shards
     (data.allow_short_shards): then the shortfall is counted (truncated_shards, lost_truncated).
     equal_steps=False (extraction): every sample of the rank once, deterministic order, each worker's last batch may be partial.
     skip_batches=n: the first n batches are skipped before decoding; the rest are those of an
     uninterrupted epoch (exactly, unless the skipped part holds an image with a valid header and a
     broken body: see looks_decodable).
     decode="device": the workers batch JPEGs undecoded and the main process decodes them on `device`
-    (CPU when None), same samples and augmentations (dist_cluster/device_decode.py); a JPEG that
+    (CPU when None), same samples and augmentations (dist_cluster/data/device_decode.py); a JPEG that
     fails there leaves its batch short.
     max_image_pixels: images whose header declares more pixels are skipped before decoding (0: no
-    limit); labels outside [0, len(manifest.classes)) too; both counted (data_worker.skip_reason).
+    limit); labels outside [0, len(manifest.classes)) too; both counted (worker.skip_reason).
     repeat_counts (training only; train.balance=resample, targets.LabelTable.repeat_counts): key ->
     expected draws per epoch, for this rank's keys; the workers repeat or drop each raw sample by
-    seeded stochastic rounding of it (data_worker.draw_count). The batch count stays the one above:
+    seeded stochastic rounding of it (worker.draw_count). The batch count stays the one above:
     a worker's resampled stream is cut at its quota or continued with more passes.
     len(loader) is the epoch's batch count; iteration yields len(loader) - skip_batches of them.
     """

@@ -48,7 +48,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import comm
+from dist_cluster.runtime import comm
 
 POLL_EVERY = 20  # EXTRACT batches between polls: one tiny all_reduce per 20 batches
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" - the checkpoint of the stopping step is on disk

@@ -4,12 +4,12 @@
 
 Why: a 389 kB PNG can declare 20000 x 20000 pixels, and torchvision's decoders allocate the whole
 output (1.2 GB as RGB uint8) before reading a byte of it. The reader checks this count against
-data.max_image_pixels before decoding (dist_cluster/data_worker.py).
+data.max_image_pixels before decoding (dist_cluster/data/worker.py).
 
 Parsed here rather than with PIL: Image.open is lazy for PNG/JPEG/GIF, but its WebP plugin hands
 the whole file to libwebp's animation decoder, which allocates canvas buffers at open time, and a
 GIF's frame count needs a walk over its blocks anyway. The four formats the reader accepts
-(data_worker.IMAGE_EXTS) have small fixed headers; a header that cannot be parsed gives None.
+(worker.IMAGE_EXTS) have small fixed headers; a header that cannot be parsed gives None.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint, distributed
+from dist_cluster.checkpoint import store
+from dist_cluster.runtime import distributed
 
 FORMAT = 2  # a shared file without "format": every rank saved its heads and head optimiser itself
 
@@ -52,7 +53,7 @@ def shared_record(module, trunk_opt, head_opt, progress: dict, config: str) -> d
 def rank_record(heads, head_opt, device: torch.device) -> dict:
     """This rank's part: its random streams, and the sub heads it leads with their momentum."""
     owned = heads.state_dict_owned(head_opt) if heads is not None else {}
-    return {"heads": owned, **checkpoint.rng_state(device)}
+    return {"heads": owned, **store.rng_state(device)}
 
 
 def restore_heads(module, heads, head_opt, shared: dict, per_rank: dict,
@@ -76,6 +77,6 @@ def restore_heads(module, heads, head_opt, shared: dict, per_rank: dict,
 
 
 def restore_from(loaded, run_dir, device, module, heads, head_opt) -> None:
-    """restore_heads from a checkpoint.Loaded of a step (a round copy has no heads to restore)."""
-    read = partial(checkpoint.load_rank_file, run_dir, global_step=loaded.step, map_location=device)
+    """restore_heads from a store.Loaded of a step (a round copy has no heads to restore)."""
+    read = partial(store.load_rank_file, run_dir, global_step=loaded.step, map_location=device)
     restore_heads(module, heads, head_opt, loaded.shared, loaded.per_rank, read)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import comm
+from dist_cluster.runtime import comm
 
 
 class HeadGradSync:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-from . import distributed
+from dist_cluster.runtime import distributed
 
 
 def _jsonable(value):

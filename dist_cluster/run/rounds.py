@@ -22,21 +22,23 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, ckpt_state, distributed, preemption
-from .ckpt_writer import CheckpointWriter
-from .cluster.stage import load_cluster_state, run_clustering
-from .config import resume_changes, save_config
-from .data import ShardLoader, make_loader, reduce_stats, steps_per_epoch
-from .extract import extract_features
-from .heads import RoutedHeads, TrunkAndSuperHead
-from .logger import MetricLogger, Timer
-from .manifest import load_manifest
-from .models import initial_trunk
-from .models.export import export_backbone
-from .syncbn import convert_sync_batchnorm
-from .targets import LabelTable
-from .trainer import seed_this_rank, sgd, train_epoch
-from .transforms import extract_transform, train_transform
+from dist_cluster.checkpoint import store
+from dist_cluster.checkpoint.writer import CheckpointWriter
+from dist_cluster.cluster.extract import extract_features
+from dist_cluster.cluster.stage import load_cluster_state, run_clustering
+from dist_cluster.config import resume_changes, save_config
+from dist_cluster.data.loader import ShardLoader, make_loader, reduce_stats, steps_per_epoch
+from dist_cluster.data.manifest import load_manifest
+from dist_cluster.data.transforms import extract_transform, train_transform
+from dist_cluster.models import initial_trunk
+from dist_cluster.models.export import export_backbone
+from dist_cluster.runtime import distributed, preemption
+from dist_cluster.runtime.logger import MetricLogger, Timer
+from dist_cluster.runtime.syncbn import convert_sync_batchnorm
+from dist_cluster.train import checkpoint_state
+from dist_cluster.train.heads import RoutedHeads, TrunkAndSuperHead
+from dist_cluster.train.targets import LabelTable
+from dist_cluster.train.trainer import seed_this_rank, sgd, train_epoch
 
 
 def wrap_ddp(module, device):
@@ -80,7 +82,7 @@ class Run:
         seed_this_rank(cfg.seed, self.env.rank)
         self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
         self.heads = self.head_opt = None
-        self._resumed = None  # the checkpoint.Loaded of resume()
+        self._resumed = None  # the store.Loaded of resume()
         # one save at a time, written in the background; published at the next save or the stop
         self.writer = CheckpointWriter(self.run_dir, cfg.train.async_checkpoint, self.logger)
 
@@ -187,15 +189,15 @@ class Run:
 
     def save(self, round_copy=None) -> None:
         """Collective. Each tensor once per save: the replicated part by rank 0, each sub head and
-        its momentum by its group's first owner (ckpt_state.py); returns after the host copy."""
-        shared = ckpt_state.shared_record(self.module, self.trunk_opt, self.head_opt, self.state,
+        its momentum by its group's first owner (train/checkpoint_state.py); returns after the host copy."""
+        shared = checkpoint_state.shared_record(self.module, self.trunk_opt, self.head_opt, self.state,
                                           OmegaConf.to_yaml(self.cfg)) if self.env.is_main else None
-        per_rank = ckpt_state.rank_record(self.heads, self.head_opt, self.device)
+        per_rank = checkpoint_state.rank_record(self.heads, self.head_opt, self.device)
         self.writer.save(shared, per_rank, self.state["global_step"], round_copy)
 
     def resume(self) -> bool:
         # a round copy (no rank files) only where a round boundary starts fresh heads anyway
-        loaded = checkpoint.load(self.run_dir, map_location=self.device, round_fallback=self.clusters_needed)
+        loaded = store.load(self.run_dir, map_location=self.device, round_fallback=self.clusters_needed)
         if loaded is None:
             return False
         shared, per_rank = loaded.shared, loaded.per_rank
@@ -210,7 +212,7 @@ class Run:
         self.trunk_opt.load_state_dict(shared["trunk_opt"])
         self.state = dict(shared["progress"])
         if per_rank is not None:  # a round copy: the ranks' streams stay as seeded in __init__
-            checkpoint.set_rng_state(per_rank, self.device)
+            store.set_rng_state(per_rank, self.device)
         self._resumed = loaded
         distributed.print0(f"resumed from {loaded.path} at {self.state}")
         self.logger.event("resume", step=self.state["global_step"], round=self.state["round"],
@@ -223,7 +225,7 @@ class Run:
     def restore_heads(self, round_idx: int, clusters) -> None:
         """Resumed mid-round: the heads (super head included) and their optimiser as saved."""
         self.new_heads(round_idx, clusters)  # builds heads and optimiser; the saved values then overwrite them
-        ckpt_state.restore_from(self._resumed, self.run_dir, self.device, self.module, self.heads, self.head_opt)
+        checkpoint_state.restore_from(self._resumed, self.run_dir, self.device, self.module, self.heads, self.head_opt)
 
     def maybe_checkpoint(self, state: dict, save: bool = False) -> bool:
         """train_epoch's checkpoint hook: is a save due after this step (mid-epoch; the epoch end
@@ -284,10 +286,10 @@ class Run:
         # the finished save of this step (file and checksum): just written, the round's start when
         # stopped in EXTRACT/CLUSTER (or its round copy, resumed from one), none in a new run's round 0
         g, r = self.state["global_step"], self.state["round"]
-        found = [checkpoint.shared_file(self.run_dir, g)]
+        found = [store.shared_file(self.run_dir, g)]
         if self.state["phase"] == "cluster" and r > 0:
-            found.append(checkpoint.ckpt_dir(self.run_dir) / f"round_{r - 1}.pt")
-        held = next((p for p in found if p.exists() and checkpoint.checksum_file(p).exists()), None)
+            found.append(store.ckpt_dir(self.run_dir) / f"round_{r - 1}.pt")
+        held = next((p for p in found if p.exists() and store.checksum_file(p).exists()), None)
         self.logger.event("preempted", step=self.state["global_step"], round=self.state["round"],
                           epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"],
                           checkpoint=None if held is None else str(held))
@@ -333,7 +335,7 @@ def check_resume(cfg) -> list:
     (read by mmap, no tensor loaded; every rank reads the same file, so each decides alone). Raises
     config.ConfigError naming each key that may not change; returns the allowed changes, which
     Run.resume logs against the checkpoint it actually resumes from."""
-    found = checkpoint.stored_config(cfg.run_dir)
+    found = store.stored_config(cfg.run_dir)
     if found is None:
         return []
     path, record = found

@@ -1,11 +1,11 @@
 """What runs inside each DataLoader worker: read its tars, drop corrupt samples, decode, batch.
 
-    stream: shards (shuffled per epoch) -> raw samples [-> resample: dist_cluster/resample.py] -> shuffle
+    stream: shards (shuffled per epoch) -> raw samples [-> resample: dist_cluster/data/resample.py] -> shuffle
     buffer -> resume skip (raw bytes, nothing decoded) -> decode + per-sample transform -> batch [-> finish_batch]
 
 With decode="device" the stream is the same up to the batch, but JPEGs are not decoded here: the
 batch carries their bytes (EncodedBatch) and the main process decodes them on the run's device
-(dist_cluster/device_decode.py). Other formats (PNG...) are still decoded and transformed here.
+(dist_cluster/data/device_decode.py). Other formats (PNG...) are still decoded and transformed here.
 
 Corrupt samples are counted, never raised, and so are two kinds of hostile ones, found before any
 pixel is decoded: an image whose header declares more than data.max_image_pixels (a decompression
@@ -13,7 +13,7 @@ bomb: 389 kB of PNG can ask for 1.2 GB), and a .cls outside [0, number of manife
 supervised loss indexes its logits with it). A shard with fewer samples than its manifest count (a
 cut tar, or a manifest that over-counts: the reader cannot tell them apart) raises ShortShardError,
 or with data.allow_short_shards is counted too. The counters live in a shared-memory tensor so the
-main process (ShardLoader.stats in dist_cluster/data.py) sees them:
+main process (ShardLoader.stats in dist_cluster/data/loader.py) sees them:
     samples           images delivered in batches        decoded          images decoded
     skipped_corrupt   no image / undecodable / bad .cls  truncated_shards tars that ended early
     lost_truncated    manifest count - samples read      refilled         samples from a second pass
@@ -41,8 +41,8 @@ from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
-from .image_header import image_pixels
-from .resample import resampled
+from dist_cluster.data.image_header import image_pixels
+from dist_cluster.data.resample import resampled
 
 STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_truncated",
              "refilled", "skipped_resume", "skipped_too_large", "skipped_bad_label",

@@ -3,8 +3,8 @@
     digest = write_checked(obj, path)    # path.tmp -> fsync -> rename -> fsync of the folder; then path.sha256
     why_not = verify(path)               # None when path matches path.sha256
 
-Why here and not in checkpoint.py: these are the file-level steps, free of any collective, so the
-background writer (ckpt_writer.py) may run them while the training thread goes on; checkpoint.py
+Why here and not in checkpoint/store.py: these are the file-level steps, free of any collective, so the
+background writer (checkpoint/writer.py) may run them while the training thread goes on; checkpoint/store.py
 decides which files make a step and when a step is published.
 """
 from __future__ import annotations

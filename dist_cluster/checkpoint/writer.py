@@ -6,7 +6,7 @@
     writer.wait()                                # collective: that save published (last.pt names it)
 
 Which part runs where, and why a kill at any moment leaves last.pt naming a complete step:
-checkpoint.py's docstring. In short: save() = publish the previous save (waiting for its write
+checkpoint/store.py's docstring. In short: save() = publish the previous save (waiting for its write
 first), guard a rewrite of the same step, copy, start the write; wait() = join the write, publish.
 The run calls wait() before it stops (its end, a preemption), so the last save is never lost.
 
@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, distributed
+from dist_cluster.checkpoint import store
+from dist_cluster.runtime import distributed
 
 _THREADS: set = set()  # writes started by this process and not joined yet
 
@@ -80,12 +81,12 @@ class _Pending:
     round_copy: Optional[int]
     copy_s: float
     thread: Optional[threading.Thread] = None
-    written: Optional[checkpoint.Written] = None
+    written: Optional[store.Written] = None
 
 
 class CheckpointWriter:
     """One run's saves, one at a time. background=False (train.async_checkpoint=false) writes the
-    live state and publishes inside save(), as checkpoint.save does, with the same log."""
+    live state and publishes inside save(), as store.save does, with the same log."""
 
     def __init__(self, run_dir, background: bool = True, logger=None):
         join_abandoned()
@@ -101,7 +102,7 @@ class CheckpointWriter:
         write if it is still going), then writes `shared` (rank 0's; others may pass None) and
         `per_rank`: copied to host memory and written by a thread, or (background=False) inline."""
         self.wait()
-        checkpoint.guard_rewrite(self.run_dir, global_step)
+        store.guard_rewrite(self.run_dir, global_step)
         if not self.background:  # training waits for the write: no copy needed
             self._pending = _Pending(global_step, round_copy, 0.0)
             self._write(self._pending, shared, per_rank)
@@ -116,8 +117,8 @@ class CheckpointWriter:
         pending.thread.start()
 
     def _write(self, pending: _Pending, shared, per_rank) -> None:
-        """The writer thread's whole job: files only, no collective (checkpoint.write_step)."""
-        pending.written = checkpoint.write_step(self.run_dir, shared, per_rank, pending.global_step)
+        """The writer thread's whole job: files only, no collective (store.write_step)."""
+        pending.written = store.write_step(self.run_dir, shared, per_rank, pending.global_step)
 
     def join(self) -> None:
         """Wait until the pending save's files are written, without publishing it: no collective
@@ -136,11 +137,11 @@ class CheckpointWriter:
         start = time.perf_counter()
         self.join()
         self._pending = None  # published below, or failed: never twice
-        written = pending.written or checkpoint.Written(
+        written = pending.written or store.Written(
             pending.global_step, error=RuntimeError("the checkpoint writer thread died"))
         joined = time.perf_counter()
         written.copy_s, written.wait_s = pending.copy_s, joined - start
-        reports = checkpoint.publish(self.run_dir, written, pending.round_copy)
+        reports = store.publish(self.run_dir, written, pending.round_copy)
         self._log(pending, reports, time.perf_counter() - joined)
 
     def _log(self, pending: _Pending, reports: list[dict], publish_s: float) -> None:

@@ -85,6 +85,13 @@ def pick_backend_and_device(backend: str, device: str, local_rank: int) -> tuple
     return backend, dev
 
 
+def autocast_for(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked; nothing on CPU (slow there, and the CPU tests compare fp32)."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def attempt_store(world: int, timeout: datetime.timedelta, environ: Optional[dict] = None):
     """The rendezvous store of this torchrun attempt: the agent's store under a prefix of its own;
     None outside torchrun's agent store (init_process_group then reads MASTER_ADDR/PORT itself).

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import comm, preemption
-from .extract import autocast_for
-from .targets import LabelTable, make_targets, to_device
+from dist_cluster.runtime import comm, preemption
+from dist_cluster.runtime.distributed import autocast_for
+from dist_cluster.train.targets import LabelTable, make_targets, to_device
 
 
 def step_seed(*parts: int) -> int:

@@ -11,11 +11,10 @@ all_reduce, so gradients flow through the statistics exactly as in one process h
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from . import comm
+from dist_cluster.runtime import comm
 
 
 class DistBatchNorm(nn.modules.batchnorm._BatchNorm):

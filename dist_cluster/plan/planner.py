@@ -18,16 +18,16 @@ n = ceil(N / W) images per rank, D = feature dim, d = PCA dim, S = rotations x m
   TRAIN    per step: DDP ring all_reduce of trunk + super-head gradients (float32), features
            routed to the sub-head owners and gradients back (b x D float32 each way), sub-head
            gradient all_reduce inside each head's group; checkpoints
-Memory from EXTRACT to RETURN: plan_memory.stage_memory, the sum of the sizes the code allocates
+Memory from EXTRACT to RETURN: plan.memory.stage_memory, the sum of the sizes the code allocates
 (functions of extract.py and cluster/*.py, checked by bench/memory.py) and of the training state
 that stays on the GPU meanwhile (resident_training_bytes); message sizes from the same modules.
 A ring all_reduce of B bytes over g ranks moves 2 (g - 1) / g x B per rank; times are bytes over
-the per-rank bandwidth plus work over the measured or assumed throughput (plan_costs.py), with
+the per-rank bandwidth plus work over the measured or assumed throughput (plan/costs.py), with
 DDP's all_reduce overlapped with backward and the routing collectives not. A collective inside
 a rank group that tiles the nodes (e.g. 4 ranks sharing a sub head on 8-GPU nodes) runs at NVLink
 speed, one spanning nodes at the network's. Throughputs come from bench/results/{loader,kmeans,
 train}.json when those were measured on the planned device (--bench-device, default cuda), else
-from documented defaults (plan_costs.py). Estimates, not promises: activations +-50 %, throughputs
+from documented defaults (plan/costs.py). Estimates, not promises: activations +-50 %, throughputs
 as good as their source (every run prints them with their source).
 """
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from .plan_costs import ArchCost, Rate, Rates, SAVED_COPIES, arch_cost, default_rates, measured_rates
-from .cluster.kmeans import message_elements
-from .cluster.pca import moments_elements, params_elements
-from .plan_memory import MemoryInputs, stage_memory  # the per-stage peaks (bench/memory.py too)
+from dist_cluster.cluster.kmeans import message_elements
+from dist_cluster.cluster.pca import moments_elements, params_elements
+from dist_cluster.plan.costs import SAVED_COPIES, ArchCost, Rate, Rates, arch_cost, default_rates, measured_rates
+from dist_cluster.plan.memory import MemoryInputs, stage_memory  # the per-stage peaks (bench/memory.py too)
 
 GiB = 2 ** 30
 
@@ -164,7 +164,7 @@ def memory_inputs(p: PlanInputs, s: Shape) -> MemoryInputs:
 
 
 def _row(name: str, mem: dict, notes: list, **values) -> StageRow:
-    """A stage's row, its memory from plan_memory.stage_memory."""
+    """A stage's row, its memory from plan.memory.stage_memory."""
     m = mem[name]
     return StageRow(name, gpu_bytes=m.device, ram_bytes=m.host, disk_bytes=m.disk,
                     notes=notes + [m.note()], **values)

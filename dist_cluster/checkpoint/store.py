@@ -2,7 +2,7 @@
 
     shared.step<g>.pt              rank 0: trunk, super head, their optimiser state, progress, config, world size
     rank<i>.step<g>.pt             one per rank: its RNG state, and the sub heads whose group rank i leads
-                                   (weights and momentum, ckpt_state.py): every head in one file only
+                                   (weights and momentum, train/checkpoint_state.py): every head in one file only
     <file>.sha256                  each file's checksum (`sha256sum -c` format), written after it
     last.pt -> shared.step<g>.pt   the newest published step (a symlink; evaluation and people read it)
     round_<r>.pt (+ .sha256)       the shared file at the end of round r (a hard link), kept
@@ -11,7 +11,7 @@ Why several files: sub-heads live only on their owners, and no rank should gathe
 Why the step in every name: which step a file holds must not depend on which rename happened last,
 and a step is usable only when every one of its files is (Loading, below).
 
-A file (ckpt_io.py): tmp file -> fsync -> rename -> fsync of the folder; the checksum, computed while
+A file (checkpoint/durable.py): tmp file -> fsync -> rename -> fsync of the folder; the checksum, computed while
 the bytes went out, is then written the same way. A file without its checksum is unfinished. Any
 error while writing deletes the tmp file; a full disk gives one CheckpointWriteError naming the
 folder and the bytes needed. The two newest steps are kept: the last one and its fallback.
@@ -28,7 +28,7 @@ A save of step g, in three parts:
                        step). Otherwise every file of step g is complete on every rank, and only now
                        rank 0 points last.pt at it (and keeps the round copy) and deletes the steps
                        older than the fallback; a barrier; each rank deletes its own files of them.
-`save()` runs 1, 2, 3 in a row. ckpt_writer.CheckpointWriter runs 1, copies the state to host memory
+`save()` runs 1, 2, 3 in a row. writer.CheckpointWriter runs 1, copies the state to host memory
 (the training thread's one stall), runs 2 in a background thread while training goes on, and 3 at
 the next save, before anything else of it, or when the run stops (its end, a preemption; rounds.Run
 also publishes a round's last save once the next round's extraction is done). So a save never
@@ -64,9 +64,16 @@ from typing import Callable, Optional
 
 import torch
 
-from . import comm, distributed
-from .ckpt_io import (CheckpointWriteError, checksum_file, link_atomically, verify, write_checked,
-                      write_checksum, write_error)
+from dist_cluster.checkpoint.durable import (
+    CheckpointWriteError,
+    checksum_file,
+    link_atomically,
+    verify,
+    write_checked,
+    write_checksum,
+    write_error,
+)
+from dist_cluster.runtime import comm, distributed
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "Loaded", "Written", "candidates", "checksum_file",
            "ckpt_dir", "guard_rewrite", "load", "load_rank_file", "peek", "publish", "rank_file", "rng_state",
@@ -146,7 +153,7 @@ class Written:
     nbytes: int = 0
     digest: Optional[str] = None  # rank 0: the shared file's sha256 (its round copy's too)
     error: Optional[BaseException] = None
-    copy_s: float = 0.0  # ckpt_writer: the host copy before the write, and how long the training
+    copy_s: float = 0.0  # writer: the host copy before the write, and how long the training
     wait_s: float = 0.0  # thread still waited for the write at the next save (for the log)
 
     def report(self) -> dict:

@@ -8,16 +8,16 @@ tensor, after a completed round as after an exception; nothing is left in cluste
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
 import torch
 
-from . import distributed
-from .logger import progress
-from .preemption import NO_POLL
-from .scratch import private_memmap
+from dist_cluster.runtime import distributed
+from dist_cluster.runtime.distributed import autocast_for
+from dist_cluster.runtime.logger import progress
+from dist_cluster.runtime.preemption import NO_POLL
+from dist_cluster.runtime.scratch import private_memmap
 
 
 def features_bytes(rows: int, dim: int) -> int:
@@ -47,12 +47,6 @@ def feature_buffer(rows: int, dim: int, memmap_gb: float, memmap_dir: str, tag: 
     path = getattr(array, "filename", None) or memmap_dir
     distributed.print0(f"extract: {nbytes / 2**30:.1f} GiB of features per rank -> memmap {path}")
     return torch.from_numpy(array), path
-
-
-def autocast_for(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

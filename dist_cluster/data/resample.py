@@ -12,7 +12,7 @@ on the image's own label and the global cluster sizes, so every rank computes it
 (targets.LabelTable.repeat_counts). The loader workers then repeat or drop each raw sample by
 stochastic rounding of that count (`draw_count`, a pure function of (seed, epoch, key, pass): the
 resume skip replays the same copies), before the shuffle buffer, which spreads the copies
-(data_worker.WorkerReader). The epoch keeps its batch count: a worker's quota cuts a long stream,
+(worker.WorkerReader). The epoch keeps its batch count: a worker's quota cuts a long stream,
 more passes (new draws) fill a short one. The loss weights are then 1.
 """
 from __future__ import annotations

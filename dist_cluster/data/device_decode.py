@@ -14,7 +14,7 @@ from the CPU generator even for a CUDA tensor). On device=cpu the output equals 
 on CUDA it is close, not bitwise: nvjpeg is not libjpeg-turbo, and v2 resizes uint8 CUDA images in
 float where the CPU has a uint8 kernel.
 
-The workers have already applied the header checks (data_worker.skip_reason): no JPEG over
+The workers have already applied the header checks (worker.skip_reason): no JPEG over
 data.max_image_pixels and no label outside the manifest's classes reaches this process, so those
 are skipped and counted (skipped_too_large, skipped_bad_label) exactly as in decode=cpu.
 
@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .data_worker import STAT_KEYS, EncodedBatch, check_same_shape, seeded_per_sample
+from dist_cluster.data.worker import STAT_KEYS, EncodedBatch, check_same_shape, seeded_per_sample
 
 
 def _decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -34,9 +34,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import comm, distributed
-from .ckpt_state import load_param_state, param_state
-from .head_grads import HeadGradSync
+from dist_cluster.runtime import comm, distributed
+from dist_cluster.train.checkpoint_state import load_param_state, param_state
+from dist_cluster.train.head_grads import HeadGradSync
 
 HEAD_INIT_STD = 0.01  # DeepCluster's top-layer init: N(0, 0.01), zero bias
 
@@ -257,7 +257,7 @@ class RoutedHeads(nn.Module):
         """{head index: state dict} for the heads whose group this rank leads (first owner): over
         all ranks, every head once (its owners hold equal copies). With `optimizer`, each entry also
         holds "optim": the head's optimiser state by parameter name (its momentum). The live
-        tensors, as nn.Module.state_dict gives them: a checkpoint copies them (ckpt_writer.snapshot)."""
+        tensors, as nn.Module.state_dict gives them: a checkpoint copies them (writer.snapshot)."""
         out = {}
         for s in self.owned:
             if self.owners[s][0] != self.rank:
