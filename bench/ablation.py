@@ -5,14 +5,16 @@ DeepCluster and RotNet.
     python bench/ablation.py                                   # 2 epochs, seed 0, every variant: ~50 min here
     python bench/ablation.py --epochs 10 --variants resample,m1 --seed 1
     python bench/ablation.py --method deepcluster --variants resample,balance-none   # the same knob on a baseline
+    python bench/ablation.py --epochs 10 --seeds 0,1,2 --variants m1,m1-rows-of-m2,m2-rows-of-m1,original,original-m1
+    python bench/ablation.py --epochs 10 --seeds 0,1,2 --method deepcluster --variants original   # (and rotnet)
 
 Each variant is `bench/quality.py`'s DeeperCluster run (same config, same evaluation: linear probe and
 kNN on all 60k train images, k-means k=10 NMI on the test split) with the variant's overrides added,
 kept under bench/runs/ablation/<variant>/. The baseline rows come from bench/results/quality.json (run
 the verdict first; its 2-epoch rows are its round copies after epoch 2, the trunk a 2-epoch run ends
-with). "delta / std": the variant's minus the baseline's mean, in units of the baseline's seed std
-(|x| > 1: outside the seed-to-seed spread). Writes bench/results/ablation.json after every variant;
---resume continues it.
+with). With --seeds, every variant runs once per seed and its row is the mean ± std. "delta / std":
+the variant's minus the baseline's mean, in units of the larger of their seed stds (|x| > 1: outside
+the seed-to-seed spread). Writes bench/results/ablation.json after every run; --resume continues it.
 """
 from __future__ import annotations
 
@@ -41,9 +43,19 @@ VARIANTS = {
     # all 4 rotations of every image, the same rows per step (a quarter of the images): 4 x the steps,
     # so 4 x the compute of an epoch; compare it with the verdict's longer runs
     "all-rotations": ["train.all_rotations=true", "data.batch_size=32"],
+    # rows per sub head per step (256 images a step on 2 ranks: 64 a head at m = 1, 32 at m = 2), the
+    # learning rate scaled with the batch: m = 1 at m = 2's rows, and m = 2 at m = 1's rows
+    "m1-rows-of-m2": ["cluster.m=1", "data.batch_size=64", "train.lr=0.025"],
+    "m2-rows-of-m1": ["data.batch_size=256", "train.lr=0.1"],
+    # the original's recipe (main.py defaults): uniform sampling over clusters, re-clustering every 3
+    # epochs, nn.Linear's head init, lr 0.1 (its super head is kept across rounds when m = 1: always here)
+    "original": ["train.balance=resample", "train.reassign=3", "train.head_init=default", "train.lr=0.1"],
+    "original-m1": ["train.balance=resample", "train.reassign=3", "train.head_init=default", "train.lr=0.1",
+                    "cluster.m=1"],
 }
-# DeepCluster (m = 1, no rotation): the knobs it has, to tell a DeeperCluster effect from a shared one
-DEEPCLUSTER_VARIANTS = ("resample", "balance-none", "k20", "k400", "reassign2")
+# the baselines: the knobs they have, to tell a DeeperCluster effect from a shared one
+BASELINE_VARIANTS = {"deepcluster": ("resample", "balance-none", "k20", "k400", "reassign2", "original"),
+                     "rotnet": ("original",)}
 KEYS = quality.VERDICT_KEYS
 
 
@@ -58,22 +70,28 @@ def baseline(path: Path, epochs: int, method: str) -> dict:
     return found
 
 
-def run_variant(name: str, args) -> dict:
-    """One DeeperCluster run with the variant's overrides, evaluated like the verdict's runs."""
+def run_variant(name: str, seed: int, args) -> dict:
+    """One run of the method with the variant's overrides, evaluated like the verdict's runs."""
     ns = SimpleNamespace(epochs=args.epochs, also_epochs=[], nproc=args.nproc, config=args.config,
-                         train=args.train, test=args.test, max_train=0, layer_dims=0,
+                         train=args.train, test=args.test, max_train=0, layer_dims=args.layer_dims,
                          runs=str(Path(args.runs) / name), overrides=VARIANTS[name])
-    row = quality.train_and_eval(args.method, ns, args.seed)[0]
+    row = quality.train_and_eval(args.method, ns, seed)[0]
     row.update(variant=name, overrides=VARIANTS[name])
     return row
 
 
-def deltas(row: dict, base: dict) -> dict:
-    """(variant - baseline mean) / baseline std per metric (None with one baseline seed)."""
+def variant_summary(rows: list[dict], name: str) -> dict:
+    """Mean ± std over the variant's seeds (quality.summarize's entry) and its wall time."""
+    entry = quality.summarize([r for r in rows if r["variant"] == name])[0]
+    return {**entry, "variant": name, "overrides": VARIANTS[name]}
+
+
+def deltas(entry: dict, base: dict) -> dict:
+    """(variant mean - baseline mean) / the larger of the two seed stds (None when both are 0)."""
     out = {}
     for key in KEYS:
-        std = base[key]["std"]
-        out[key] = (row[key] - base[key]["mean"]) / std if std > 0 else None
+        std = max(base[key]["std"], entry[key]["std"])
+        out[key] = (entry[key]["mean"] - base[key]["mean"]) / std if std > 0 else None
     return out
 
 
@@ -89,18 +107,20 @@ def print_table(rows: list[dict], ref: dict, method: str) -> None:
             e = ref[name]
             cells = " | ".join(f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" for k in KEYS)
             print(f"| {name} (verdict, {len(e['seeds'])} seeds) | - | {cells} | - | - |")
-    for row in rows:
-        d = deltas(row, ref[method])
-        cells = " | ".join(f"{row[k]:.4f}" for k in KEYS)
-        print(f"| {row['variant']} | {' '.join(row['overrides'])} | {cells} | "
-              f"{', '.join(fmt(d[k]) for k in KEYS)} | {row['train_seconds']:.0f} |")
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        e = variant_summary(rows, name)
+        d = deltas(e, ref[method])
+        cells = " | ".join(f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" for k in KEYS)
+        print(f"| {name} ({len(e['seeds'])} seeds) | {' '.join(e['overrides'])} | {cells} | "
+              f"{', '.join(fmt(d[k]) for k in KEYS)} | {e['train_seconds']:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", default="deepercluster", choices=("deepercluster", "deepcluster"))
+    parser.add_argument("--seeds", default="0", help="comma list: every variant once per seed")
+    parser.add_argument("--method", default="deepercluster", choices=("deepercluster", "deepcluster", "rotnet"))
+    parser.add_argument("--layer-dims", type=int, default=0, help="per-layer probes (bench/quality.py --layer-dims)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--config", default="configs/fmnist.yaml")
@@ -115,13 +135,15 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    if args.method == "deepcluster" and args.variants == ",".join(VARIANTS):
-        names = list(DEEPCLUSTER_VARIANTS)
-    moot = [n for n in names if args.method == "deepcluster" and n not in DEEPCLUSTER_VARIANTS]
+    own = BASELINE_VARIANTS.get(args.method)
+    if own is not None and args.variants == ",".join(VARIANTS):
+        names = list(own)
+    moot = [n for n in names if own is not None and n not in own]
     if moot:
-        raise SystemExit(f"{moot}: DeepCluster has no super-clusters, sub heads or rotations; "
-                         f"its variants: {', '.join(DEEPCLUSTER_VARIANTS)}")
-    settings = {"epochs": args.epochs, "seed": args.seed, "nproc": args.nproc, "config": args.config}
+        raise SystemExit(f"{moot}: not a knob of {args.method} (no super-clusters, sub heads, clusters or "
+                         f"rotations); its variants: {', '.join(own)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    settings = {"epochs": args.epochs, "nproc": args.nproc, "config": args.config, "layer_dims": args.layer_dims}
     if args.method != "deepercluster":
         settings["method"] = args.method
     suffix = "" if args.method == "deepercluster" else f"-{args.method}"
@@ -133,13 +155,16 @@ def main() -> None:
         if stored["settings"] != settings:
             raise SystemExit(f"--resume: {out} was written with {stored['settings']}, not {settings}")
         rows = stored["rows"]
-    for name in names:
-        if not any(r["variant"] == name for r in rows):
-            rows.append(run_variant(name, args))
-        ref = baseline(Path(args.baseline), args.epochs, args.method)  # re-read: the verdict may still be adding seeds
-        print_table(rows, ref, args.method)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"settings": settings, "baseline": ref, "rows": rows}, indent=1))
+    for seed in seeds:  # seed after seed: a cut-short bench has every variant at the first seeds
+        for name in names:
+            if not any(r["variant"] == name and r["seed"] == seed for r in rows):
+                rows.append(run_variant(name, seed, args))
+            ref = baseline(Path(args.baseline), args.epochs, args.method)  # re-read: the verdict may add seeds
+            print_table(rows, ref, args.method)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            summary = [variant_summary(rows, n) for n in dict.fromkeys(r["variant"] for r in rows)]
+            out.write_text(json.dumps({"settings": settings, "baseline": ref, "summary": summary, "rows": rows},
+                                      indent=1))
     print(f"wrote {out}")
 
 

@@ -88,6 +88,9 @@ class TrainConfig:
     # DDP); global_batch: from its rows' share of the global mean, ~1/S of that (the code before
     # 2026-11-30; only for the ablation, bench/ablation.py)
     sub_grad: str = "own_rows"
+    # the heads' initial weights: normal, N(0, 0.01) and zero bias (DeepCluster's top layer) | default,
+    # nn.Linear's own U(+-1/sqrt(D)) (the original DeeperCluster's heads)
+    head_init: str = "normal"
     bf16: bool = True  # autocast on GPU only
     ckpt_every_steps: int = 200
     # True: a save stalls training only to copy the state to host memory, a thread writes the files
@@ -195,6 +198,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.reassign >= 1, "train.reassign", "must be >= 1")
     _check(t.sub_grad in ("own_rows", "global_batch"), "train.sub_grad", f"own_rows | global_batch, got {t.sub_grad!r}")
     _check(t.balance in ("weight", "resample", "none"), "train.balance", f"weight | resample | none, got {t.balance!r}")
+    _check(t.head_init in ("normal", "default"), "train.head_init", f"normal | default, got {t.head_init!r}")
     _check(t.schedule in ("constant", "cosine"), "train.schedule", "constant | cosine")
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -2,6 +2,7 @@
 
     python shards/build.py fmnist --split train --out data/fmnist/train
     python shards/build.py fmnist --split test --out data/fmnist/test --limit 500
+    python shards/build.py fmnist --split train --classes 0,2,4,6,8 --out data/fmnist-c02468/train
     python shards/build.py folder /data/imagenet/train --labels --out data/inet --workers 8 --max-side 256
     python shards/build.py yfcc yfcc100m_dataset.bz2 --images /data/yfcc --layout zip --out data/yfcc --workers 32
     python shards/build.py yfcc meta.tsv --layout url --out data/yfcc_url --fetcher mypkg.fetch:get
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     fmnist = sub.add_parser("fmnist", parents=[common], help="Fashion-MNIST (apt-get install dataset-fashion-mnist)")
     fmnist.add_argument("--split", choices=("train", "test"), required=True)
     fmnist.add_argument("--fmnist-dir", help="folder of the gz IDX files (default /usr/share/datasets/fashion-mnist)")
+    fmnist.add_argument("--classes", type=lambda text: [int(c) for c in text.split(",")],
+                        help="only these class ids (e.g. 0,1,2,3,4), relabelled 0..n-1 in that order")
 
     folder = sub.add_parser("folder", parents=[common], help="an image tree")
     folder.add_argument("src", help="root folder")
@@ -98,7 +101,7 @@ def url_fetcher(args: argparse.Namespace, fetcher: str | None):
 
 def make_source(args: argparse.Namespace):
     if args.source == "fmnist":
-        return FmnistSource(args.split, root=args.fmnist_dir, limit=args.limit)
+        return FmnistSource(args.split, root=args.fmnist_dir, limit=args.limit, keep_classes=args.classes)
     if args.source == "folder":
         return FolderSource(args.src, labels=args.labels, limit=args.limit)
     columns = YfccColumns(args.col_line, args.col_photo_id, args.col_url, args.col_marker)

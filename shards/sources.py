@@ -112,13 +112,20 @@ class FmnistSource(Source):
     image_ext = "png"
     has_labels = True
 
-    def __init__(self, split: str, root: Optional[str] = None, limit: Optional[int] = None):
+    def __init__(self, split: str, root: Optional[str] = None, limit: Optional[int] = None,
+                 keep_classes: Optional[list[int]] = None):
+        """keep_classes: only the images of these classes (ids 0-9), labelled 0..len-1 in that order
+        (a transfer protocol: pre-train on some classes, evaluate on the others)."""
         super().__init__(limit)
         if split not in FMNIST_FILES:
             raise BuildError(f"split must be one of {sorted(FMNIST_FILES)}, got {split!r}")
-        self.split, self.root = split, str(root or FMNIST_DIR)
-        self.default_name = f"fmnist-{split}"
-        self.classes = list(FMNIST_CLASSES)
+        keep = list(range(len(FMNIST_CLASSES))) if keep_classes is None else list(keep_classes)
+        if not keep or len(set(keep)) != len(keep) or not all(0 <= c < len(FMNIST_CLASSES) for c in keep):
+            raise BuildError(f"--classes: distinct class ids in 0-{len(FMNIST_CLASSES) - 1}, got {keep_classes}")
+        self.split, self.root, self.keep = split, str(root or FMNIST_DIR), keep
+        suffix = "" if keep_classes is None else "-c" + "".join(map(str, keep))
+        self.default_name = f"fmnist-{split}{suffix}"
+        self.classes = [FMNIST_CLASSES[c] for c in keep]
         self._check_files()
 
     def _paths(self) -> tuple[Path, Path]:
@@ -138,15 +145,17 @@ class FmnistSource(Source):
         labels = read_idx(label_path, 1, self.limit)
         if len(images) != len(labels):
             raise BuildError(f"{image_path} has {len(images)} images but {label_path} {len(labels)} labels")
+        new_label = {c: i for i, c in enumerate(self.keep)}
         for index, (pixels, label) in enumerate(zip(images, labels)):
-            key = f"fmnist-{self.split}-{index:08d}"
-            yield Record(key, pixels, int(label), {"source": f"{image_path.name}#{index}"})
+            if int(label) in new_label:
+                key = f"fmnist-{self.split}-{index:08d}"
+                yield Record(key, pixels, new_label[int(label)], {"source": f"{image_path.name}#{index}"})
 
     def read(self, record: Record) -> Image.Image:
         return Image.fromarray(record.ref, mode="L")
 
     def describe(self) -> dict:
-        return {"type": self.kind, "split": self.split, "root": self.root}
+        return {"type": self.kind, "split": self.split, "root": self.root, "classes": self.keep}
 
 
 # ----------------------------------------------------------------------------------------- folder

@@ -23,25 +23,39 @@ def test_each_variant_loads_and_changes_only_its_keys(name):
     assert changed == {o.split("=")[0] for o in ablation.VARIANTS[name]}, (name, changed)
 
 
-@pytest.mark.parametrize("name", ablation.DEEPCLUSTER_VARIANTS)
-def test_deepcluster_variants_change_something_in_deepcluster_mode(name):
-    assert _flat("deepcluster") != _flat("deepcluster", ablation.VARIANTS[name])
+@pytest.mark.parametrize("method,name", [(m, n) for m, names in ablation.BASELINE_VARIANTS.items() for n in names])
+def test_baseline_variants_change_something_in_their_mode(method, name):
+    assert _flat(method) != _flat(method, ablation.VARIANTS[name])
 
 
-def test_deltas_are_in_baseline_std_units():
+def test_rows_per_sub_head_variants_trade_the_batch_for_the_heads():
+    """(a): images per step x rotations' share / sub heads: m = 1 at batch 64 and m = 2 at batch 256
+    give each sub head the rows the other arm has by default (lr scaled with the batch)."""
+    def rows_per_head(overrides):
+        cfg = load_config(CONFIG, ["mode=deepercluster", *overrides])
+        return cfg.data.batch_size * 2 / (cfg.train.rotations * cfg.cluster.m), cfg.train.lr / cfg.data.batch_size
+    m1, m2 = rows_per_head(["cluster.m=1"]), rows_per_head([])
+    assert rows_per_head(ablation.VARIANTS["m1-rows-of-m2"]) == m2  # 32 rows a head, the same lr per image
+    assert rows_per_head(ablation.VARIANTS["m2-rows-of-m1"]) == (m1[0], m2[1])  # 64 rows a head
+
+
+def test_deltas_are_in_units_of_the_larger_seed_std():
     base = {k: {"mean": 0.5, "std": 0.01} for k in ablation.KEYS}
-    base["nmi_k10"]["std"] = 0.0  # one seed: no std, no delta
-    row = {"linear_top1": 0.53, "knn_top1": 0.49, "nmi_k10": 0.9}
-    d = ablation.deltas(row, base)
-    assert d["linear_top1"] == pytest.approx(3.0) and d["knn_top1"] == pytest.approx(-1.0)
-    assert d["nmi_k10"] is None
+    base["nmi"]["std"] = 0.0
+    entry = {"linear_top1": {"mean": 0.53, "std": 0.0}, "knn_top1": {"mean": 0.49, "std": 0.02},
+             "nmi": {"mean": 0.9, "std": 0.0}}
+    d = ablation.deltas(entry, base)
+    assert d["linear_top1"] == pytest.approx(3.0) and d["knn_top1"] == pytest.approx(-0.5)
+    assert d["nmi"] is None  # no std on either side: no delta
 
 
 def test_the_table_measures_against_the_ablated_method(capsys):
     ref = {m: {k: {"mean": mean, "std": 0.01} for k in ablation.KEYS}
            for m, mean in (("deepercluster", 0.5), ("deepcluster", 0.6), ("rotnet", 0.7))}
     ref = {m: dict(e, seeds=[0, 1]) for m, e in ref.items()}
-    row = {"variant": "balance-none", "overrides": ["train.balance=none"], "train_seconds": 1.0,
-           **{k: 0.61 for k in ablation.KEYS}}
-    ablation.print_table([row], ref, "deepcluster")
-    assert "+1.0, +1.0, +1.0" in capsys.readouterr().out
+    rows = [{"method": "deepcluster", "epochs": 10, "seed": seed, "variant": "balance-none",
+             "overrides": ["train.balance=none"], "train_seconds": 1.0, **{k: value for k in ablation.KEYS}}
+            for seed, value in ((0, 0.605), (1, 0.615))]
+    ablation.print_table(rows, ref, "deepcluster")
+    out = capsys.readouterr().out
+    assert "balance-none (2 seeds)" in out and "0.6100 ± 0.0071" in out and "+1.0, +1.0, +1.0" in out

@@ -131,8 +131,9 @@ def test_quality_bench_summary_and_verdict():
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
     def row(method, seed, epochs, v):
-        return {"method": method, "seed": seed, "epochs": epochs, "linear_top1": v, "knn_top1": v, "nmi_k10": v}
-    rows = [row("random", 0, 0, 0.5), row("supervised", 0, 10, 0.9),
+        return {"method": method, "seed": seed, "epochs": epochs, "linear_top1": v, "knn_top1": v, "nmi": v,
+                "train_seconds": 1.0}
+    rows = [row("random", 0, 0, 0.5), row("raw pixels", 0, 0, 0.81), row("supervised", 0, 10, 0.9),
             *[row("deepercluster", s, 10, v) for s, v in enumerate((0.80, 0.82, 0.84))],
             *[row("rotnet", s, 10, v) for s, v in enumerate((0.70, 0.71, 0.72))],
             *[row("deepcluster", s, 10, v) for s, v in enumerate((0.79, 0.80, 0.81))]]
@@ -143,8 +144,19 @@ def test_quality_bench_summary_and_verdict():
     lines = quality.verdict(quality.summarize(rows))
     assert any("rotnet" in l and "(ahead" in l for l in lines)
     assert any("deepcluster" in l and "NOT ahead" in l for l in lines)  # lead 0.02 is not > std 0.02
+    assert "10 epochs, nmi: DeeperCluster above random and raw pixels" in lines
+    lower = [dict(r, nmi=0.9) if r["method"] == "raw pixels" else r for r in rows]
+    assert "10 epochs, nmi: DeeperCluster NOT above raw pixels" in quality.verdict(quality.summarize(lower))
     one_seed = [r for r in rows if r["seed"] == 0]
     assert all("no verdict" in l for l in quality.verdict(quality.summarize(one_seed)) if " - " in l)
+    # a 5-class evaluation (--transfer) lands in the same columns, every feature preparation kept
+    result = {"num_classes": 5, "linear_top1": 0.9, "knn_top1": 0.8, "nmi_k5": 0.6, "ami_k5": 0.5,
+              "hungarian_acc_k5": 0.7, "nmi_clusters_train": None, "knn_top1_by_prep": {"center": 0.8, "raw": 0.7},
+              "kmeans_by_prep": {"center": {"nmi_k5": 0.6}, "raw": {"nmi_k5": 0.4}}}
+    assert quality.eval_row(result) == {"linear_top1": 0.9, "knn_top1": 0.8, "nmi_clusters_train": None,
+                                        "nmi": 0.6, "ami": 0.5, "hungarian_acc": 0.7, "knn_top1_center": 0.8,
+                                        "knn_top1_raw": 0.7, "nmi_center": 0.6, "nmi_raw": 0.4,
+                                        "linear_by_layer": None}
     plan = quality.plan(SimpleNamespace(methods="random,rotnet,deepercluster,supervised", seeds=[0, 1]))
     assert plan == [("random", 0), ("rotnet", 0), ("deepercluster", 0), ("supervised", 0),
                     ("rotnet", 1), ("deepercluster", 1)]

@@ -27,12 +27,17 @@ def test_assign_longest_first_to_the_least_loaded_rank():
 
 def test_merge_gives_eval_json_layout():
     rank0 = {"layer:conv10": {"top1": 0.7, "l2": 1e-4, "val": {}, "iterations": 40},
-             "linear": {"top1": 0.86, "l2": 1e-4, "val": {}, "iterations": 30}, "knn": 0.85}
+             "linear": {"top1": 0.86, "l2": 1e-4, "val": {}, "iterations": 30},
+             "knn": {"center": 0.85, "raw": 0.8}}
     rank1 = {"layer:conv2": {"top1": 0.9, "l2": 1e-4, "val": {}, "iterations": 50},
              "linear_relu": {"top1": 0.84, "l2": 1e-4, "val": {}, "iterations": 31},
-             "kmeans": {"nmi_k10": 0.5, "ami_k10": 0.49, "hungarian_acc_k10": 0.6}}
-    out = merge([rank0, rank1], 10)
+             "kmeans": {"center": {"nmi_k10": 0.5, "ami_k10": 0.49, "hungarian_acc_k10": 0.6},
+                        "raw": {"nmi_k10": 0.4, "ami_k10": 0.39, "hungarian_acc_k10": 0.5}}}
+    out = merge([rank0, rank1], 10, ("center", "raw"))
     assert out["linear_top1"] == 0.86 and out["linear_top1_relu"] == 0.84 and out["knn_top1"] == 0.85
     assert out["nmi_k10"] == 0.5 and out["kmeans_k"] == 10 and out["linear_l2"] == 1e-4
+    assert out["feature_prep"] == "center" and out["knn_top1_by_prep"] == {"center": 0.85, "raw": 0.8}
+    assert out["kmeans_by_prep"]["raw"]["nmi_k10"] == 0.4
+    assert merge([rank0, rank1], 10, ("raw", "center"))["knn_top1"] == 0.8  # the first is the headline
     assert list(out["linear_by_layer"].items()) == [("conv2", 0.9), ("conv10", 0.7)]  # block order
     assert out["probe_iterations"] == {"layer:conv10": 40, "linear": 30, "layer:conv2": 50, "linear_relu": 31}

@@ -301,3 +301,21 @@ def test_the_ablation_scale_gives_each_sub_head_its_share_of_the_global_mean():
             for s, grads in r["heads"].items():
                 share = float(w_sub[sup == s].sum() / w_sub.sum())
                 assert all(_close(a, b * share) for a, b in zip(grads, ref["heads"][s])), (case, s)
+
+
+def test_head_init_default_is_nn_linears_law_and_seeded():
+    """train.head_init=default draws what nn.Linear.reset_parameters draws (torch's own layer is the
+    reference), from a generator keyed by (seed, head): the same values on every rank."""
+    from torch import nn
+
+    from dist_cluster.train.heads import _seeded_linear_
+    torch.manual_seed(0)
+    ref, ours, again = nn.Linear(256, 400), nn.Linear(256, 400), nn.Linear(256, 400)
+    _seeded_linear_(ours, seed=3, index=1, init="default")
+    _seeded_linear_(again, seed=3, index=1, init="default")
+    assert torch.equal(ours.weight, again.weight) and torch.equal(ours.bias, again.bias)
+    for got, want in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+        assert got.abs().max() <= 256 ** -0.5 and want.abs().max() <= 256 ** -0.5
+        assert abs(got.std() / want.std() - 1) < 0.1 and abs(got.mean()) < 3 * want.std() / got.numel() ** 0.5
+    _seeded_linear_(ours, seed=3, index=1, init="normal")
+    assert abs(ours.weight.std() - 0.01) < 1e-3 and not ours.bias.any()

@@ -263,3 +263,29 @@ def test_eval_under_torchrun_two_ranks_equals_one_process(synthetic_run, tmp_pat
     for key in ("linear_top1", "linear_top1_relu", "knn_top1", "nmi_k10", "ami_k10", "hungarian_acc_k10",
                 "nmi_clusters_train", "linear_by_layer", "n_train", "n_test"):
         assert one[key] == two[key], key
+
+
+def test_a_one_shard_set_evaluates_on_two_ranks(synthetic_run, tmp_path):
+    """A small labelled test set built as one shard (fewer shards than ranks): under torchrun rank 0
+    reads it alone, every rank still fits its probes, and the numbers are one process's."""
+    run = synthetic_run["run"]
+    test = tmp_path / "tiny-test"
+    subprocess.run([sys.executable, str(ROOT / "shards/build.py"), "fmnist", "--split", "test", "--limit", "60",
+                    "--shard-size", "1000", "--name", "tiny-test", "--out", str(test)], check=True, capture_output=True)
+    assert len(json.loads((test / "manifest.json").read_text())["shards"]) == 1
+    common = ["--train", str(synthetic_run["train"]), "--test", str(test), "--name", "tiny", "--workers", "1",
+              "--layer-dims", "0", "--probe-iters", "50", "--no-report"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")} | {"OMP_NUM_THREADS": "1"}
+    results = []
+    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node", "2"]):
+        if results:
+            (run / "eval-tiny.json").unlink()
+        proc = subprocess.run(launcher + [str(ROOT / "launch/eval.py"), "--run-dir", str(run)] + common, env=env,
+                              cwd=str(ROOT), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results.append(json.loads((run / "eval-tiny.json").read_text()))
+    one, two = results
+    assert two["world_size"] == 2 and two["n_test"] == 60 == one["n_test"]
+    for key in ("linear_top1", "knn_top1", "nmi_k10", "knn_top1_by_prep"):
+        assert one[key] == two[key], key

@@ -1,6 +1,7 @@
 """The round loop's classifiers: re-initialised after every re-clustering (DeeperCluster,
 DeepCluster), carried over from round to round where the targets never change (RotNet and
-supervised, as in the original's RotNet mode), also across a resume at a round boundary.
+supervised, as in the original's RotNet mode; DeeperCluster's super head when m = 1, whose classes
+are the rotations alone, as the original's main.py), also across a resume at a round boundary.
 
     ~/.cache/dist_cluster/venv/bin/python -m pytest -q tests/test_rounds.py
 """
@@ -12,11 +13,14 @@ from tests.shard_fixtures import make_shards
 
 
 def small_run_config(mode, run_dir, shards, epochs, ckpt_every_steps=0):
-    """A 1-rank run of a few seconds on tests/shard_fixtures shards: 2 rounds of 1 epoch each."""
+    """A 1-rank run of a few seconds on tests/shard_fixtures shards: 2 rounds of 1 epoch each
+    (mode "deepercluster-m1": DeeperCluster with one super-cluster)."""
     from dist_cluster.config import load_config
+    m = 1 if mode == "deepercluster-m1" else 2
+    mode = mode.removesuffix("-m1")
     return load_config(None, [f"mode={mode}", f"run_dir={run_dir}", f"data.train={shards}", "data.batch_size=32",
                               "data.num_workers=0", "data.max_samples=96", "data.image_size=28", "data.resize=28",
-                              "model.sobel=false", "model.feature_dim=16", "cluster.k=8", "cluster.m=2",
+                              "model.sobel=false", "model.feature_dim=16", "cluster.k=8", f"cluster.m={m}",
                               "cluster.pca_dim=8", "cluster.niter=3", f"train.epochs={epochs}", "train.reassign=1",
                               f"train.ckpt_every_steps={ckpt_every_steps}", "train.log_every_steps=1"])
 
@@ -28,9 +32,16 @@ def _heads_at_round_edges(rank, world, mode, run_dir, shards, epochs_per_run):
 
     class Recording(Run):
         def train_round(self, round_idx, table):
-            start = self.module.super_head.weight.detach().clone()
+            start = self.super_state()
             super().train_round(round_idx, table)
-            seen.append((round_idx, start, self.module.super_head.weight.detach().clone()))
+            seen.append((round_idx, start, self.super_state()))
+
+        def super_state(self):
+            """The super head's weight and its momentum (zeros before its first step)."""
+            weight = self.module.super_head.weight
+            momentum = self.head_opt.state.get(weight, {}).get("momentum_buffer")
+            return torch.cat([weight.detach().flatten(), torch.zeros(weight.numel()) if momentum is None
+                              else momentum.detach().flatten()]).clone()
 
     for epochs in epochs_per_run:
         Recording(small_run_config(mode, run_dir, shards, epochs)).run()
@@ -48,14 +59,17 @@ def _both_ways(rank, world, mode, tmp, shards):
             for name, epochs in (("one_run", (2,)), ("resumed", (1, 2)))]
 
 
-@pytest.mark.parametrize("mode", ["rotnet", "supervised", "deepercluster"])
+@pytest.mark.parametrize("mode", ["rotnet", "supervised", "deepercluster", "deepercluster-m1"])
 def test_classifier_carries_over_only_when_targets_are_fixed(mode, shards, tmp_path):
-    for (r0, start0, end0), (r1, start1, end1) in run_ranks(_both_ways, 1, (mode, tmp_path, shards))[0]:
+    one_run, resumed = run_ranks(_both_ways, 1, (mode, tmp_path, shards))[0]
+    for (r0, start0, end0), (r1, start1, end1) in (one_run, resumed):
         assert (r0, r1) == (0, 1) and not torch.equal(start0, end0)  # round 0 trained its head
         if mode == "deepercluster":  # new clusters, new head: not the one round 0 left
             assert not torch.equal(start1, end0)
-        else:
+        else:  # weights and momentum as round 0 left them
             assert torch.equal(start1, end0)
+    for (_, a_start, a_end), (_, b_start, b_end) in zip(one_run, resumed):  # a resume changes nothing
+        assert torch.equal(a_start, b_start) and torch.equal(a_end, b_end)
 
 
 def _state_while_clustering(rank, world, run_dir, shards):

@@ -116,6 +116,26 @@ def test_fmnist_round_trip(fake_fmnist, tmp_path):
         assert json.loads(sample["json"])["label_name"] == FMNIST_CLASSES[labels[i]]
 
 
+def test_fmnist_class_subset_is_relabelled_in_the_given_order(fake_fmnist, tmp_path):
+    """--classes 7,2: only those images, labelled 0 (class 7) and 1 (class 2), names kept: the
+    transfer protocol's pre-training and evaluation sets."""
+    root, images, labels = fake_fmnist
+    out = tmp_path / "subset"
+    run_build("fmnist", "--split", "train", "--out", out, "--fmnist-dir", root, "--classes", "7,2")
+    manifest = load_manifest(out)
+    assert manifest.classes == [FMNIST_CLASSES[7], FMNIST_CLASSES[2]]
+    samples, _ = read_dir(out)
+    kept = [i for i in range(len(labels)) if labels[i] in (7, 2)]
+    assert sorted(samples) == [f"fmnist-train-{i:08d}" for i in kept] and manifest.num_samples == len(kept)
+    for i in kept:
+        sample = samples[f"fmnist-train-{i:08d}"]
+        np.testing.assert_array_equal(pixels(sample["png"]), images[i])
+        assert int(sample["cls"]) == (0 if labels[i] == 7 else 1)
+        assert json.loads(sample["json"])["label_name"] == FMNIST_CLASSES[labels[i]]
+    with pytest.raises(SystemExit, match="distinct class ids"):
+        run_build("fmnist", "--split", "train", "--out", tmp_path / "bad", "--fmnist-dir", root, "--classes", "3,3")
+
+
 def test_fmnist_real_files_via_script(tmp_path):
     """The real command line (python shards/build.py), compared with a numpy parse of the IDX files."""
     if not REAL_FMNIST.exists():

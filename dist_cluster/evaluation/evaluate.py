@@ -9,10 +9,12 @@ Metrics (train split fits, test split scores):
                      returns them (pre-ReLU, the features the clustering sees), standardised;
                      linear_top1_relu: the same on ReLU'd features (what the heads see)
   linear_by_layer    the same probe on every conv block output, average-pooled to <= --layer-dims
-  knn_top1           weighted kNN, k=20, cosine, T=0.07 (pre-ReLU features, L2-normalised)
+  knn_top1           weighted kNN, k=20, cosine, T=0.07 on the pre-ReLU features centred with the
+                     train split's mean (--feature-prep; prep.py), then L2-normalised
   nmi_k<C>, ami_k<C>, hungarian_acc_k<C>
-                     k-means (k = C = number of classes, faiss, 5 seeded restarts) on the
-                     L2-normalised test features vs the labels (nmi_k10 on 10-class data)
+                     k-means (k = C = number of classes, faiss, 5 seeded restarts) on the test
+                     features prepared the same way, L2-normalised, vs the labels (nmi_k10 on
+                     10-class data); knn_top1_by_prep, kmeans_by_prep: every --feature-prep
   nmi_clusters_train the run's own last sub-clusters (RUN/clusters/round_<last>/) vs the train labels
 Where they go: RUN/eval.json for the run's own data, RUN/eval-<name>.json for any other train/test
 pair, never one over another (evalsets.py).
@@ -37,9 +39,11 @@ import torch
 
 from dist_cluster.cluster.stage import last_complete_round, load_assignments
 from dist_cluster.data.manifest import load_manifest
+from dist_cluster.evaluation import prep as feature_prep
 from dist_cluster.evaluation import tasks as probe_tasks
 from dist_cluster.evaluation.evalsets import check_free, is_own_data, manifest_set_name, result_stem
-from dist_cluster.evaluation.features import Split, extract_split, load_backbone, read_labels, share_split
+from dist_cluster.evaluation.features import (Split, extract_split, load_backbone, read_labels, reading_ranks,
+                                              share_split)
 from dist_cluster.evaluation.metrics import nmi
 from dist_cluster.evaluation.stages import Stage, say
 from dist_cluster.runtime import comm, distributed
@@ -66,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--probe-iters", type=int, default=300, help="L-BFGS iterations per probe (at most)")
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--knn-t", type=float, default=0.07)
+    parser.add_argument("--feature-prep", default="center,whiten,raw",
+                        help="kNN and k-means features, with the train split's statistics: comma list of "
+                             "center | whiten | raw (the protocol before 2026-12-04); the first is the headline")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="loader workers per rank")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -143,13 +150,14 @@ def _extract_both(backbone, args, env, seconds: dict) -> tuple[Split, Split]:
     common = dict(cfg_data=backbone.cfg.data, device=env.device, rank=env.rank, world=env.world_size,
                   batch_size=args.batch_size, num_workers=args.workers, layer_dims=args.layer_dims,
                   channels_last=bool(backbone.cfg.model.get("channels_last", False)))
-    per_rank = lambda n: -(-n // env.world_size) if n > 0 else 0  # noqa: E731 - ceil(n / W) per rank
     out = []
     for name, shard_dir, limit in (("train", args.train, args.max_train), ("test", args.test, args.max_test)):
         with Stage(f"extract {name}", seconds, key=f"extract_{name}") as st:
-            split = extract_split(backbone.trunk, shard_dir, max_samples=per_rank(limit), desc=name, **common)
+            readers = reading_ranks(shard_dir, env.world_size)
+            per_rank = -(-limit // readers) if limit > 0 else 0  # ceil(limit / readers)
+            split = extract_split(backbone.trunk, shard_dir, max_samples=per_rank, desc=name, **common)
             total = sum(comm.all_gather_object(len(split.labels)))  # also waits for the slowest rank
-            st.detail = (f"{total} images on {env.world_size} rank(s), "
+            st.detail = (f"{total} images on {readers} of {env.world_size} rank(s), "
                          f"{total / max(time.perf_counter() - st.start, 1e-9):.0f} img/s,")
         out.append(split)
     seconds["extract"] = seconds["extract_train"] + seconds["extract_test"]
@@ -165,7 +173,7 @@ def _plan(train: Split, test: Split, args, env) -> tuple[list, dict]:
     n_train, n_test = sum(e[2] for e in every), sum(e[3] for e in every)
     n_train = min(n_train, args.max_train) if args.max_train > 0 else n_train
     n_test = min(n_test, args.max_test) if args.max_test > 0 else n_test
-    tasks = probe_tasks.probe_tasks(max(e[1] for e in every), layer_dims, n_train, n_test)
+    tasks = probe_tasks.probe_tasks(max(e[1] for e in every), layer_dims, n_train, n_test, len(args.preps))
     return tasks, probe_tasks.assign(tasks, env.world_size)
 
 
@@ -183,14 +191,14 @@ def _run_probes(tasks: list, owners: dict, train: Split, test: Split, num_classe
     """This rank's tasks; on rank 0 the merged results of all ranks (their seconds included), else None."""
     l2s = [float(v) for v in str(args.l2).split(",")]
     settings = probe_tasks.Settings(l2s=l2s, seed=args.seed, max_iter=args.probe_iters,
-                                    knn_k=args.knn_k, knn_t=args.knn_t, device=env.device)
+                                    knn_k=args.knn_k, knn_t=args.knn_t, device=env.device, preps=args.preps)
     mine = [t for t in tasks if owners[t.name] == env.rank]
     start = time.perf_counter()
     results, seconds = probe_tasks.run_tasks(mine, train, test, num_classes, settings)
     parts = comm.gather_object((results, seconds, time.perf_counter() - start), 0)
     if parts is None or not env.is_main:
         return None
-    merged = probe_tasks.merge([p[0] for p in parts], num_classes)
+    merged = probe_tasks.merge([p[0] for p in parts], num_classes, args.preps)
     merged["seconds"] = {name: t for p in parts for name, t in p[1].items()}
     merged["seconds"]["linear_by_layer"] = sum(t for n, t in merged["seconds"].items() if n.startswith("layer:"))
     merged["seconds"]["probes"] = max(p[2] for p in parts)  # wall time of the probe phase
@@ -202,6 +210,7 @@ def _run_probes(tasks: list, owners: dict, train: Split, test: Split, num_classe
 def evaluate(args) -> Optional[dict]:
     """Run inside a distributed session; returns the results on rank 0, None elsewhere."""
     env = distributed.env()
+    args.preps = _preps(args.feature_prep)
     total = time.perf_counter()
     torch.manual_seed(args.seed)
     backbone = load_backbone(args.run, args.checkpoint)
@@ -235,7 +244,8 @@ def evaluate(args) -> Optional[dict]:
                    n_test=len(test.labels), num_classes=num_classes, seed=args.seed, knn_k=args.knn_k,
                    knn_t=args.knn_t, world_size=env.world_size, probe_iters=args.probe_iters,
                    max_layer_dims=args.layer_dims, date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                   features="penultimate trunk output, pre-ReLU (linear_top1_relu: ReLU'd)")
+                   features="penultimate trunk output, pre-ReLU (linear_top1_relu: ReLU'd); kNN and k-means "
+                            f"on it prepared by {args.preps[0]} (train statistics), then L2-normalised")
     _write(run_dir, stem, results, seconds)
     if not args.no_report:
         from dist_cluster.evaluation.report import write_report
@@ -249,6 +259,14 @@ def evaluate(args) -> Optional[dict]:
     say(f"total {seconds['total']:.1f} s: extract {seconds['extract']:.1f}, probes {seconds['probes']:.1f} "
         f"({env.world_size} rank(s)), report {seconds.get('report', 0.0):.1f}")
     return results
+
+
+def _preps(text: str) -> tuple:
+    preps = tuple(p.strip() for p in str(text).split(",") if p.strip())
+    bad = [p for p in preps if p not in feature_prep.PREPS]
+    if not preps or bad:
+        raise SystemExit(f"--feature-prep {text!r}: a comma list of {', '.join(feature_prep.PREPS)}")
+    return preps
 
 
 def _write(run_dir: Path, stem: str, results: dict, seconds: dict) -> None:

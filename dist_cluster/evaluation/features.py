@@ -146,13 +146,16 @@ class Split:
                      {name: x[index] for name, x in self.blocks.items()})
 
 
-def usable_workers(shard_dir, world: int, wanted: int) -> int:
-    """Loader workers per rank such that every worker of every rank has a shard (ShardLoader's rule)."""
-    shards = len(load_manifest(shard_dir).shards)
-    if shards < world:
-        raise ValueError(f"{shard_dir}: {shards} shards for {world} ranks; every rank needs a shard "
-                         f"(rebuild with a smaller --shard-size or run fewer ranks)")
-    return min(wanted, shards // world)
+def reading_ranks(shard_dir, world: int) -> int:
+    """How many ranks read a split: all of them, or one per shard when it has fewer shards than ranks
+    (a small labelled set built as one shard): evaluation only reads, so the other ranks get no rows
+    and the probes still run on every rank (share_split sends each its rows)."""
+    return max(1, min(world, len(load_manifest(shard_dir).shards)))
+
+
+def usable_workers(shard_dir, readers: int, wanted: int) -> int:
+    """Loader workers per reading rank such that every worker has a shard (ShardLoader's rule)."""
+    return min(wanted, len(load_manifest(shard_dir).shards) // readers)
 
 
 def _max_pixels(cfg_data) -> int:
@@ -168,8 +171,13 @@ def extract_split(trunk: nn.Module, shard_dir, cfg_data, device: torch.device, r
     """This rank's rows: penultimate features and (layer_dims > 0) pooled block outputs.
 
     channels_last: NHWC input, as the run trained (model.channels_last): float32 either way, the
-    same features up to rounding (~1e-6 relative), 1.6x faster on CPU for smallvgg."""
-    loader = ShardLoader(str(shard_dir), rank, world, batch_size, usable_workers(shard_dir, world, num_workers),
+    same features up to rounding (~1e-6 relative), 1.6x faster on CPU for smallvgg. A split of fewer
+    shards than ranks is read by the first ranks alone (reading_ranks); the others return no rows."""
+    readers = reading_ranks(shard_dir, world)
+    if rank >= readers:
+        dim = getattr(trunk, "feature_dim", 0)
+        return Split(np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, dtype=str), {})
+    loader = ShardLoader(str(shard_dir), rank, readers, batch_size, usable_workers(shard_dir, readers, num_workers),
                          transform=extract_transform(cfg_data.resize, cfg_data.image_size), seed=0, epoch=0,
                          shuffle=False, equal_steps=False, max_samples=max_samples,
                          max_image_pixels=_max_pixels(cfg_data))

@@ -5,7 +5,8 @@
     results = run_tasks(mine, train, test, num_classes, settings)   # this rank's share
 
 Tasks: `linear` (pre-ReLU penultimate), `linear_relu`, `knn` and `kmeans` need the penultimate
-features; `layer:<block>` needs that block's pooled output only. With one process every task runs
+features (kNN and k-means once per feature preparation of prep.py, with the train split's
+statistics; the first is the headline number); `layer:<block>` needs that block's pooled output only. With one process every task runs
 there (on all its threads); under torchrun each rank fits its share on its own core(s), and only the
 rows its tasks need are sent to it (features.share_split). Each task prints one line with its result
 and time; the linear probes show a progress bar of L-BFGS function evaluations on rank 0.
@@ -19,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dist_cluster.evaluation import prep as feature_prep
 from dist_cluster.evaluation.metrics import clustering_scores, knn_top1
 from dist_cluster.evaluation.probes import kmeans_labels, linear_probe_top1
 from dist_cluster.evaluation.stages import Stage, count_bar
@@ -40,13 +42,15 @@ def _probe_cost(dims: int, n_train: int) -> float:
     return float(n_train * dims)
 
 
-def probe_tasks(feature_dim: int, layer_dims: dict, n_train: int, n_test: int) -> list[Task]:
-    """Every task of one evaluation, with its estimated cost."""
+def probe_tasks(feature_dim: int, layer_dims: dict, n_train: int, n_test: int, preps: int = 1) -> list[Task]:
+    """Every task of one evaluation, with its estimated cost (`preps` feature preparations each for
+    kNN and k-means)."""
     d = feature_dim
     tasks = [Task("linear", FEATS, d, _probe_cost(d, n_train)), Task("linear_relu", FEATS, d, _probe_cost(d, n_train)),
              # kNN: one n_test x n_train x D product, ~1/10 of a probe of the same D as measured;
              # k-means on the test split: ~1/10 of the kNN
-             Task("knn", FEATS, d, n_train * n_test * d / 1e5), Task("kmeans", FEATS, d, n_test * d / 10.0)]
+             Task("knn", FEATS, d, preps * n_train * n_test * d / 1e5),
+             Task("kmeans", FEATS, d, preps * n_test * d / 10.0)]
     tasks += [Task(f"layer:{name}", name, dims, _probe_cost(dims, n_train)) for name, dims in layer_dims.items()]
     return tasks
 
@@ -75,6 +79,7 @@ class Settings:
     knn_k: int
     knn_t: float
     device: torch.device
+    preps: tuple = ("center",)  # kNN / k-means feature preparations (prep.py); the first is the headline
 
 
 def _linear(name: str, x_train, y_train, x_test, y_test, num_classes: int, s: Settings) -> dict:
@@ -96,15 +101,20 @@ def run_task(task: Task, train, test, num_classes: int, s: Settings, seconds: di
             out = _linear(task.name, x_train, train.labels, x_test, test.labels, num_classes, s)
             st.detail = f"top-1 {out['top1']:.4f}, l2 {out['l2']:g}, {out['iterations']} L-BFGS iterations,"
             return {task.name: out}
-        if task.name == "knn":
-            top1 = knn_top1(train.feats, train.labels, test.feats, test.labels, k=s.knn_k, temperature=s.knn_t,
-                            num_classes=num_classes, device=s.device)
-            st.detail = f"top-1 {top1:.4f}"
-            return {"knn": top1}
-        clusters = kmeans_labels(test.feats, num_classes, seed=s.seed)
-        scores = clustering_scores(test.labels, clusters, suffix=f"_k{num_classes}")
-        st.detail = f"NMI {scores[f'nmi_k{num_classes}']:.4f}"
-        return {"kmeans": scores}
+        scores = {}
+        for prep in s.preps:  # the statistics of the train split only, for both splits
+            mean, projection = feature_prep.fit(train.feats, prep)
+            test_x = feature_prep.apply(test.feats, mean, projection)
+            if task.name == "knn":
+                scores[prep] = knn_top1(feature_prep.apply(train.feats, mean, projection), train.labels, test_x,
+                                        test.labels, k=s.knn_k, temperature=s.knn_t, num_classes=num_classes,
+                                        device=s.device)
+            else:
+                clusters = kmeans_labels(test_x, num_classes, seed=s.seed)
+                scores[prep] = clustering_scores(test.labels, clusters, suffix=f"_k{num_classes}")
+        shown = {p: v if task.name == "knn" else v[f"nmi_k{num_classes}"] for p, v in scores.items()}
+        st.detail = ("top-1 " if task.name == "knn" else "NMI ") + ", ".join(f"{p} {v:.4f}" for p, v in shown.items())
+        return {task.name: scores}
 
 
 def _inputs(task: Task, train, test):
@@ -134,8 +144,9 @@ def run_tasks(tasks: Sequence[Task], train, test, num_classes: int, s: Settings)
     return results, seconds
 
 
-def merge(parts: Sequence[dict], num_classes: int) -> dict:
-    """eval.json's probe keys from every rank's task results (the layout docs/quality.md's tables read)."""
+def merge(parts: Sequence[dict], num_classes: int, preps: Sequence[str] = ("center",)) -> dict:
+    """eval.json's probe keys from every rank's task results (the layout docs/quality.md's tables read):
+    knn_top1 and the k-means scores of the first preparation, every preparation's in *_by_prep."""
     done = {name: value for part in parts for name, value in part.items()}
     out = {}
     if "linear" in done:
@@ -143,9 +154,10 @@ def merge(parts: Sequence[dict], num_classes: int) -> dict:
     if "linear_relu" in done:
         out["linear_top1_relu"] = done["linear_relu"]["top1"]
     if "knn" in done:
-        out["knn_top1"] = done["knn"]
+        out.update(knn_top1=done["knn"][preps[0]], knn_top1_by_prep=done["knn"])
     if "kmeans" in done:
-        out.update(done["kmeans"], kmeans_k=num_classes)
+        out.update(done["kmeans"][preps[0]], kmeans_k=num_classes, kmeans_by_prep=done["kmeans"])
+    out["feature_prep"] = preps[0]
     layers = sorted((n for n in done if n.startswith("layer:")), key=lambda n: _block_order(n))
     out["linear_by_layer"] = {n.split(":", 1)[1]: done[n]["top1"] for n in layers}
     out["probe_iterations"] = {n: done[n]["iterations"] for n in done if isinstance(done[n], dict)

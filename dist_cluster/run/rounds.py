@@ -83,6 +83,7 @@ class Run:
         self.state = dict(round=0, epoch=0, step=0, global_step=0, phase="cluster")
         self.heads = self.head_opt = None
         self._resumed = None  # the store.Loaded of resume()
+        self._super_momentum: dict = {}  # the super head's momentum across a re-clustering (keeps_super_head)
         # one save at a time, written in the background; published at the next save or the stop
         self.writer = CheckpointWriter(self.run_dir, cfg.train.async_checkpoint, self.logger)
 
@@ -90,6 +91,13 @@ class Run:
     def clusters_needed(self) -> bool:
         """RotNet (k = 1) and supervised runs never extract or cluster."""
         return self.cfg.cluster.k > 1 and not self.supervised
+
+    @property
+    def keeps_super_head(self) -> bool:
+        """With one super-cluster the super head's classes are the rotations alone, whose meaning a
+        re-clustering does not change: the original rebuilds that layer only when m > 1 (main.py,
+        "reset prediction layers"), so it carries on here too, momentum included."""
+        return self.cfg.cluster.m == 1 and self.num_super > 1
 
     # ------------------------------------------------------------------ stages
 
@@ -154,24 +162,31 @@ class Run:
         sizes = [int(n) for n in clusters.super_sizes]
         return [sizes[s % len(sizes)] for s in range(self.num_super)]
 
-    def new_heads(self, round_idx: int, clusters=None) -> None:
-        """Cluster ids are permuted between rounds: fresh heads and fresh head optimisers."""
+    def new_heads(self, round_idx: int, clusters=None, keep_super: bool = False) -> None:
+        """Cluster ids are permuted between rounds: fresh heads and fresh head optimisers (keep_super:
+        the super head and its momentum stay as they are)."""
         seed = self.cfg.seed * 1000 + round_idx
-        self.module.super_head.reset(seed)
+        init = self.cfg.train.head_init
+        if not keep_super:
+            self.module.super_head.reset(seed, init)
         params = list(self.module.super_head.parameters())
         self.heads = None
         if self.sub_classes > 1:
             self.heads = RoutedHeads(self.module.trunk.feature_dim, self.num_super, self.sub_classes,
                                      self.device, seed=seed, loads=self.head_loads(clusters),
-                                     sub_grad=self.cfg.train.sub_grad)
+                                     sub_grad=self.cfg.train.sub_grad, init=init)
             params += list(self.heads.parameters())
         self.head_opt = sgd(params, self.cfg.train)
+        if keep_super:
+            checkpoint_state.load_param_state(self.head_opt, self.module.super_head, self._super_momentum)
 
     def release_training_state(self) -> None:
         """Before EXTRACT and CLUSTER: the last round's heads and their optimiser are replaced after
         the clustering anyway (its last save already holds them), and the gradients are rewritten by
         the next backward: free them, so that the clustering has their GPU memory (a sub head with
         gradient and momentum is 3.9 GB at the paper's settings)."""
+        if self.head_opt is not None:  # small (S x D); carried over where keeps_super_head
+            self._super_momentum = checkpoint_state.param_state(self.head_opt, self.module.super_head)
         self.heads, self.head_opt = None, None
         for param in self.module.parameters():
             param.grad = None
@@ -181,7 +196,7 @@ class Run:
         change, so their classifier (and its momentum) carries on from the last round, as in the
         original's RotNet mode; only the first round, or a resume, builds it."""
         if self.clusters_needed or round_idx == 0:
-            self.new_heads(round_idx, clusters)
+            self.new_heads(round_idx, clusters, keep_super=round_idx > 0 and self.keeps_super_head)
         elif self.head_opt is None:  # resumed at a round boundary: the saved classifier
             self.restore_heads(round_idx, clusters)
 
@@ -214,6 +229,8 @@ class Run:
         if per_rank is not None:  # a round copy: the ranks' streams stay as seeded in __init__
             store.set_rng_state(per_rank, self.device)
         self._resumed = loaded
+        self._super_momentum = {name: {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in state.items()}
+                                for name, state in shared.get("super_head_optim", {}).items()}
         distributed.print0(f"resumed from {loaded.path} at {self.state}")
         self.logger.event("resume", step=self.state["global_step"], round=self.state["round"],
                           epoch=self.state["epoch"], epoch_step=self.state["step"], phase=self.state["phase"])

@@ -38,7 +38,8 @@ from dist_cluster.runtime import comm, distributed
 from dist_cluster.train.checkpoint_state import load_param_state, param_state
 from dist_cluster.train.head_grads import HeadGradSync
 
-HEAD_INIT_STD = 0.01  # DeepCluster's top-layer init: N(0, 0.01), zero bias
+HEAD_INIT_STD = 0.01  # train.head_init=normal: DeepCluster's top-layer init, N(0, 0.01), zero bias
+HEAD_INITS = ("normal", "default")  # default: nn.Linear's own, as the original DeeperCluster's heads
 
 # Heads are rebuilt after every re-clustering; their process groups only when the ownership
 # changes (it follows the super-cluster sizes), and old partitions are destroyed: a new communicator
@@ -55,22 +56,30 @@ def _cached(key: tuple, make):
     return _GROUPS[full_key]
 
 
-def _seeded_linear_(layer: nn.Linear, seed: int, index: int) -> None:
+def _seeded_linear_(layer: nn.Linear, seed: int, index: int, init: str = "normal") -> None:
     """Same values on every rank and device: drawn on CPU from a generator keyed by (seed, index).
 
-    index -1 is the super head, s >= 0 sub head s."""
+    index -1 is the super head, s >= 0 sub head s. init "normal": N(0, HEAD_INIT_STD) weights, zero
+    bias; "default": nn.Linear.reset_parameters' law, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both."""
+    if init not in HEAD_INITS:
+        raise ValueError(f"head init must be one of {HEAD_INITS}, got {init!r}")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index + 1)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * HEAD_INIT_STD)
-        layer.bias.zero_()
+        if init == "normal":
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * HEAD_INIT_STD)
+            layer.bias.zero_()
+            return
+        bound = layer.in_features ** -0.5
+        for param in (layer.weight, layer.bias):
+            param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
 
 
 class SuperHead(nn.Linear):
     """Linear(feature_dim, S) on relu(features); replicated (DDP) with the trunk."""
 
-    def reset(self, seed: int) -> None:
+    def reset(self, seed: int, init: str = "normal") -> None:
         # DDP broadcasts parameters only at construction: a re-init must agree across ranks by itself
-        _seeded_linear_(self, seed, -1)
+        _seeded_linear_(self, seed, -1, init)
 
 
 class TrunkAndSuperHead(nn.Module):
@@ -97,7 +106,7 @@ class RoutedHeads(nn.Module):
 
     def __init__(self, feature_dim: int, num_heads: int, sub_classes: int,
                  device: Optional[torch.device] = None, seed: int = 0, overlap: bool = True,
-                 loads: Optional[list] = None, sub_grad: str = "own_rows"):
+                 loads: Optional[list] = None, sub_grad: str = "own_rows", init: str = "normal"):
         super().__init__()
         if sub_grad not in ("own_rows", "global_batch"):
             raise ValueError(f"sub_grad must be own_rows or global_batch, got {sub_grad!r}")
@@ -125,7 +134,7 @@ class RoutedHeads(nn.Module):
         self.register_buffer("_sizes", sizes, persistent=False)
         if device is not None:
             self.to(device)
-        self.reset(seed)
+        self.reset(seed, init)
         shared = {s for s in self.owned if len(self.owners[s]) > 1}  # one-rank heads need no reduce
         self._grads = HeadGradSync({s: self.heads[str(s)] for s in self.owned}, self._groups, shared,
                                    self.world, overlap)
@@ -136,10 +145,10 @@ class RoutedHeads(nn.Module):
         table = torch.tensor([r + [r[0]] * (width - len(r)) for r in self.owners], dtype=torch.long)
         return table, torch.tensor([len(r) for r in self.owners], dtype=torch.long)
 
-    def reset(self, seed: int) -> None:
+    def reset(self, seed: int, init: str = "normal") -> None:
         """Re-initialise the owned heads (after every re-clustering); identical across a head's group."""
         for s in self.owned:
-            _seeded_linear_(self.heads[str(s)], seed, s)
+            _seeded_linear_(self.heads[str(s)], seed, s, init)
 
     # ------------------------------------------------------------------ routing
 
