@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh without a GPU: the dry run, the GPU tests rehearsed on CPU, the time limits
-and the deadline, and the whole check rehearsed on CPU under the GPU machine's limits (540 s, at
-most 8 files back, every process of every step gone at the end).
+and the deadline, the 2-rank kill/resume steps, and (-m slow) the whole check rehearsed on CPU under
+the GPU machine's limits (540 s, at most 8 files back, every process of every step gone at the end).
 
     ~/.cache/dist_cluster/venv/bin/python -m pytest -q tests/test_gpu_check.py
 """
@@ -84,6 +84,16 @@ def test_gpu_tests_are_collected_and_skip_cleanly_without_cuda():
     assert int(last.split()[0]) >= 10 and "needs CUDA" in run.stdout
 
 
+def test_gpu_tests_rehearsed_on_cpu_pass():
+    """tests/test_gpu.py's code paths on CPU (gloo at world size 1): a test that would break on its
+    first GPU run for a reason CPU shares (a config built by hand that lacks a key) breaks here."""
+    env = {**os.environ, "DIST_CLUSTER_GPU_TESTS_DEVICE": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                          "tests/test_gpu.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    last = run.stdout.strip().splitlines()[-1]
+    assert run.returncode == 0 and "failed" not in last and int(last.split()[0]) >= 8, run.stdout[-3000:]
+
+
 def test_a_step_past_its_limit_is_killed_with_its_whole_tree(tmp_path):
     """A child in a session of its own (as torchrun starts its ranks) dies with the step."""
     ctx = Ctx(tmp_path, tmp_path / "logs", "cpu", time.monotonic() + 60)
@@ -106,9 +116,35 @@ def test_no_time_left_skips_every_step_and_still_reports(tmp_path):
     assert all(f"{s.name} " in run.stdout for s in STEPS)  # the console names each, skipped or not
 
 
+def _check_kill_resume(step: dict, ranks: int, work: Path) -> None:
+    """Exactly one done event, every logged loss equal to the uninterrupted run's, a real resume."""
+    numbers = step["numbers"]
+    assert step["status"] == "ok", step["reason"]
+    assert numbers["max_abs_loss_diff"] == 0.0 and numbers["processes_killed"] >= ranks + 1
+    assert numbers["resumed_from_step"] < numbers["paused_at_step"] and not numbers["steps_missing_in_reference"]
+    assert all(step["checks"].values()) and len(step["checks"]) >= 6
+    done = [line for line in (work / f"killed_{ranks}rank" / "metrics.jsonl").read_text().splitlines()
+            if '"stage": "done"' in line]
+    assert len(done) == 1
+
+
+def test_two_rank_kill_resume_kills_every_worker_and_resumes_exactly(tmp_path):
+    """The 2-rank steps of the check on CPU: torchrun's ranks (sessions of their own) and their loader
+    workers are all killed, and the resumed run logs the uninterrupted run's losses step by step."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    run, record = _check(out, work, "--only", "two_ranks,kill_resume_2")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    _assert_schema(record, out)
+    steps = {e["name"]: e for e in record["steps"]}
+    assert steps["two_ranks"]["status"] == "ok", steps["two_ranks"]["reason"]
+    _check_kill_resume(steps["kill_resume_2"], 2, work)
+    assert not _processes_mentioning(str(work))
+
+
+@pytest.mark.slow
 def test_the_whole_check_rehearsed_on_cpu_under_the_gpu_limits(tmp_path):
-    """The deadline, the files that come back, and the kill/resume checks: exactly one done event,
-    the resumed run's per-step losses equal to the uninterrupted run's, no process left."""
+    """Every step under the GPU machine's limits (540 s, at most 8 files back, no process left);
+    about 160 s on 2 free cores: bench territory, `bash scripts/test.sh -m slow`."""
     out, work = tmp_path / "out", tmp_path / "work"
     start = time.monotonic()
     run, record = _check(out, work)
@@ -118,12 +154,6 @@ def test_the_whole_check_rehearsed_on_cpu_under_the_gpu_limits(tmp_path):
     steps = {e["name"]: e for e in record["steps"]}
     assert all(e["status"] == "ok" for e in steps.values()), {n: e["reason"] for n, e in steps.items()}
     for name, ranks in (("kill_resume", 1), ("kill_resume_2", 2)):
-        numbers = steps[name]["numbers"]
-        assert numbers["max_abs_loss_diff"] == 0.0 and numbers["processes_killed"] >= ranks + 1
-        assert numbers["resumed_from_step"] < numbers["paused_at_step"] and not numbers["steps_missing_in_reference"]
-        assert all(steps[name]["checks"].values()) and len(steps[name]["checks"]) >= 6
-        done = [json.loads(line) for line in (work / f"killed_{ranks}rank" / "metrics.jsonl").read_text().splitlines()
-                if '"stage": "done"' in line]
-        assert len(done) == 1
+        _check_kill_resume(steps[name], ranks, work)
     assert steps["pytest"]["numbers"]["failures"] == 0
     assert not _processes_mentioning(str(work))
