@@ -66,6 +66,11 @@ class ClusterConfig:
     memmap_gb: float = 4.0  # features larger than this per rank go to a memmap on local disk
     memmap_dir: str = "/tmp"
     route_chunk_mb: int = 256  # level-2 routing: MiB one round sends (and receives) per rank
+    # kmeans (Lloyd) | sinkhorn: the same iterations with balanced assignments, every cluster N/k
+    # images (SeLa's Sinkhorn-Knopp, cluster/sinkhorn.py), at both levels of the hierarchy
+    method: str = "kmeans"
+    sinkhorn_epsilon: float = 0.05  # entropy weight: the scores are cosines / epsilon
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations per assignment (SwAV: 3)
 
 
 @dataclass
@@ -193,6 +198,9 @@ def validate(cfg: DictConfig) -> None:
     _check(c.pca_dim >= 1, "cluster.pca_dim", "must be >= 1")
     _check(c.backend in ("auto", "faiss", "torch"), "cluster.backend", "auto | faiss | torch")
     _check(c.route_chunk_mb >= 1, "cluster.route_chunk_mb", "must be >= 1")
+    _check(c.method in ("kmeans", "sinkhorn"), "cluster.method", f"kmeans | sinkhorn, got {c.method!r}")
+    _check(c.sinkhorn_epsilon > 0 and c.sinkhorn_iters >= 1, "cluster.sinkhorn_epsilon",
+           f"epsilon > 0 and sinkhorn_iters >= 1, got {c.sinkhorn_epsilon}, {c.sinkhorn_iters}")
     _check(t.rotations in (1, 4), "train.rotations", "must be 1 or 4")
     _check(t.rotations > 1 or c.k > 1, "train.rotations", "no rotation and k=1 leaves nothing to predict")
     _check(t.reassign >= 1, "train.reassign", "must be >= 1")

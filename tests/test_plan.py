@@ -270,6 +270,31 @@ def test_stage_memory_by_hand():
     assert all(s.device == 0 and s.disk == 0 for s in st.values())
 
 
+def test_sinkhorn_level_memory_and_cost_by_hand():
+    """cluster.method=sinkhorn: level 1 holds the scores of one chunk, the float64 unit centroids and
+    the chunk in float64 instead of the E-step's blocks; a level costs 1 + sinkhorn_iters passes and
+    two all_reduces of k numbers more per iteration (cluster/sinkhorn.py)."""
+    from dist_cluster.cluster.sinkhorn import messages_per_iteration
+    from dist_cluster.plan.planner import lloyd_cost
+    kmeans = stage_memory(MemoryInputs(rows=1000, world=2, feature_dim=16, pca_dim=8, k=8, m=4, device="cpu",
+                                       backend="torch", memmap_gb=1.0, key_chars=5))
+    balanced = stage_memory(MemoryInputs(rows=1000, world=2, feature_dim=16, pca_dim=8, k=8, m=4, device="cpu",
+                                         backend="torch", memmap_gb=1.0, key_chars=5, method="sinkhorn"))
+    lloyd1 = 2 * 128 + 8000 + 38 * 8 + 128 + 16000 + 12000 + 16 + 1000 * 15 * 4
+    # centroids (x2: initial), unit (float64), labels, message, chunk sums, scores + exp, 4 column stats, chunk64
+    sink1 = 2 * 128 + 4 * 8 * 8 + 8000 + 37 * 8 + 128 + 2 * 1000 * 4 * 8 + 4 * 4 * 8 + 1000 * 8 * 8
+    assert balanced["level1"].host - kmeans["level1"].host == sink1 - lloyd1
+    assert messages_per_iteration(8, 4, 3) == [8] * 6 + [8 * 4 + 8 + 1]
+    p = small_inputs()
+    rates = default_rates(arch_cost(p.arch, p.image_size, p.sobel, p.feature_dim), 8, p.workers)
+    net_k, s_k = lloyd_cost(p, rates, 1000, 16, 8, 4, 1e9, vote=1)
+    p.method, p.sinkhorn_iters = "sinkhorn", 3
+    net_s, s_s = lloyd_cost(p, rates, 1000, 16, 8, 4, 1e9, vote=1)
+    assert net_s - net_k == pytest.approx(p.niter * 6 * 2 * 3 / 4 * 16 * 8)  # 6 rings of 16 float64 over 4 ranks
+    compute = p.niter * 1000 * 16 * 8 * rates.kmeans_s_pcd.value
+    assert s_s - s_k == pytest.approx(3 * compute + (net_s - net_k) / 1e9)
+
+
 def test_plan_rows_take_their_memory_from_stage_memory():
     p = small_inputs()
     mem = stage_memory(memory_inputs(p, _shape(p)))

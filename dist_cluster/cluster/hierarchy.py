@@ -17,7 +17,8 @@ A super-cluster with n_s < k/m rows gets n_s sub-clusters (ids s*(k/m) + n_s ...
 are reported in `clamped`); an empty one gets none. Every rank decides this from the global level-1
 sizes, so all members of a group skip or join the same collectives.
 Modes: m == 1 (flat DeepCluster) clusters over the world with no routing; k == m needs no level 2
-(sub == super); k == 1 (RotNet) labels everything 0.
+(sub == super); k == 1 (RotNet) labels everything 0. method "kmeans" (Lloyd) or "sinkhorn" (the same
+iterations with balanced assignments, sinkhorn.py) at both levels; `method_options` go to it.
 
 Memory: a rank holds its own rows (RAM or a local memmap) plus the rows routed to it (about n_local
 again) on `device` (the GPU under NCCL), where level 2 reads them as contiguous slices; in flight,
@@ -27,6 +28,7 @@ level 2 is uneven (a rank may own several super-clusters), so its polls are fini
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -34,6 +36,7 @@ import torch
 
 from dist_cluster.cluster.kmeans import KMeansResult, kmeans
 from dist_cluster.cluster.route import RoutePlan
+from dist_cluster.cluster.sinkhorn import sinkhorn_kmeans
 from dist_cluster.cluster.rows import num_rows
 from dist_cluster.runtime import comm, distributed
 from dist_cluster.runtime.logger import Timer
@@ -61,6 +64,15 @@ class HierResult:
     level2: dict[int, KMeansResult] = field(default_factory=dict)
 
 
+def _clusterer(method: str, options: dict) -> Callable:
+    """The function each level calls, with kmeans()'s signature and result."""
+    if method == "kmeans":
+        return kmeans
+    if method == "sinkhorn":
+        return functools.partial(sinkhorn_kmeans, **options)
+    raise ValueError(f"cluster method {method!r}: kmeans | sinkhorn (pic runs flat, outside the hierarchy)")
+
+
 def owner_groups(m: int, super_sizes: Optional[torch.Tensor] = None) -> tuple[list[list[int]], list]:
     """(owners, process groups) for m super-clusters. With the level-1 sizes the owners follow the
     data (distributed.ownership): a group's level-2 work is rows x k/m, so ranks go where the rows
@@ -76,12 +88,14 @@ def owner_groups(m: int, super_sizes: Optional[torch.Tensor] = None) -> tuple[li
 def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: torch.device,
                         backend: str = "auto", log: Optional[Callable[..., None]] = None,
                         init_samples_per_rank: int = 10000, poll=NO_POLL,
-                        route_chunk_bytes: int = ROUTE_CHUNK_BYTES) -> HierResult:
+                        route_chunk_bytes: int = ROUTE_CHUNK_BYTES, method: str = "kmeans",
+                        method_options: Optional[dict] = None) -> HierResult:
     """Collective over the world, computed on `device`.
     `log(level=, super=, iteration=, objective=, seconds=)` per iteration; `route_chunk_bytes`
     bounds what one routing round sends and receives per rank."""
     if m < 1 or k < m or k % m:
         raise ValueError(f"hierarchical k-means needs 1 <= m <= k and k % m == 0, got k={k}, m={m}")
+    cluster_fn = _clusterer(method, method_options or {})
     n_total = int(comm.all_reduce(torch.tensor([num_rows(x_local)]), None).item())
     if k > n_total:
         raise ValueError(f"k={k} clusters but only n={n_total} images over all ranks")
@@ -92,7 +106,7 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
         return None if log is None else (lambda **kw: log(level=level, super=s, **kw))
 
     with Timer() as timer:
-        level1 = kmeans(x_local, m, niter, seed, device, backend, None, init_samples_per_rank, level_log(1),
+        level1 = cluster_fn(x_local, m, niter, seed, device, backend, None, init_samples_per_rank, level_log(1),
                         poll=poll)
         poll.finish()
     seconds["level1"] = timer.seconds
@@ -109,7 +123,7 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
         level2_stats[1] = level1.final_objective if rank == 0 else 0.0
     elif m == 1:  # flat k-means over the world: nothing to route
         with Timer() as timer:
-            flat = kmeans(x_local, k, niter, seed + 1, device, backend, None, init_samples_per_rank,
+            flat = cluster_fn(x_local, k, niter, seed + 1, device, backend, None, init_samples_per_rank,
                           level_log(2, 0), poll=poll)
             poll.finish()
         seconds["level2"] = timer.seconds
@@ -118,7 +132,7 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
             level2_stats += torch.tensor([flat.empty_resplit, flat.final_objective], dtype=torch.float64)
     else:
         _route_and_cluster(x_local, res, k, m, niter, seed, device, backend, init_samples_per_rank,
-                           owners, groups, mine, level2_stats, level_log, poll, route_chunk_bytes)
+                           owners, groups, mine, level2_stats, level_log, poll, route_chunk_bytes, cluster_fn)
 
     res.clamped = {s: int(n) for s, n in enumerate(super_sizes.tolist()) if n < kpm and kpm > 1}
     level2_stats = comm.all_reduce(level2_stats)
@@ -129,7 +143,7 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
 
 
 def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, device, backend, init_samples_per_rank,
-                       owners, groups, mine, level2_stats, level_log, poll, route_chunk_bytes) -> None:
+                       owners, groups, mine, level2_stats, level_log, poll, route_chunk_bytes, cluster_fn) -> None:
     """ROUTE -> LEVEL 2 -> RETURN (route.py); fills res.sub_local, res.centroids_sub, res.level2."""
     kpm, rank = k // m, comm.group_rank()
     seconds = res.seconds
@@ -145,7 +159,7 @@ def _route_and_cluster(x_local, res: HierResult, k, m, niter, seed, device, back
             if n_s == 0:
                 continue  # every member sees the same global size and skips together
             lo, hi = plan.bounds[s], plan.bounds[s + 1]
-            sub = kmeans(recv_x[lo:hi], min(kpm, n_s), niter, seed * 1_000_003 + s + 1, device,
+            sub = cluster_fn(recv_x[lo:hi], min(kpm, n_s), niter, seed * 1_000_003 + s + 1, device,
                          backend, groups[s], init_samples_per_rank, level_log(2, s), poll=poll)
             recv_sub[lo:hi] = s * kpm + sub.assign_local
             res.centroids_sub[s], res.level2[s] = sub.centroids, sub

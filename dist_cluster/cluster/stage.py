@@ -104,6 +104,13 @@ def _as_str_keys(keys) -> np.ndarray:
     return keys.astype(str) if keys.dtype.kind not in "U" else keys
 
 
+def method_options(c) -> dict:
+    """The clustering method's own settings from the cluster config (none for kmeans)."""
+    if c.method == "sinkhorn":
+        return {"epsilon": c.sinkhorn_epsilon, "iters": c.sinkhorn_iters}
+    return {}
+
+
 def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_dir, logger, seed: int,
                    device: torch.device, prev: Optional[ClusterState] = None, poll=NO_POLL,
                    overwrite_features: bool = False) -> ClusterState:
@@ -150,7 +157,8 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
     try:
         res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, device, c.backend, log=log_iteration,
                                   init_samples_per_rank=c.init_samples_per_rank, poll=poll,
-                                  route_chunk_bytes=c.route_chunk_mb << 20)
+                                  route_chunk_bytes=c.route_chunk_mb << 20, method=c.method,
+                                  method_options=method_options(c))
     finally:
         del x, buf  # a memmap's disk space is freed here (its file is already unlinked)
     return pca, res

@@ -36,6 +36,7 @@ from typing import Optional
 
 from dist_cluster.cluster import extract, route
 from dist_cluster.cluster.kmeans import lloyd_memory, result_bytes
+from dist_cluster.cluster.sinkhorn import sinkhorn_memory
 from dist_cluster.cluster.pca import apply_memory, fit_memory, params_elements
 from dist_cluster.cluster.stage import save_buffer_bytes, whitened_place
 from dist_cluster.runtime.distributed import ownership
@@ -62,6 +63,7 @@ class MemoryInputs:
     resident_device: float = 0.0  # bytes the caller keeps on the device through these stages
     resident_host: float = 0.0
     extract_device: float = 0.0  # the trunk's forward pass during EXTRACT (plan/planner.py)
+    method: str = "kmeans"  # cluster.method: kmeans | sinkhorn (its scores and scalings, cluster/sinkhorn.py)
 
 
 @dataclass
@@ -165,12 +167,19 @@ def _level2_return(mi: MemoryInputs, kept: dict, recv: int, index: int) -> dict[
     result = result_bytes(rows_each, sub, d)
     level2 = {"receive buffer": ("device", route.buffer_bytes(recv, d)), "route index": ("host", index),
               "level-2 labels": ("host", recv * 8), "level-2 results": ("host", (owned - 1) * result)}
-    lloyd = lloyd_memory(rows_each, sub, d, dev, mi.backend, True)  # the slices are on the device
+    lloyd = _lloyd(mi, rows_each, sub, d, True)  # the slices are on the device
     back = {"labels back": ("host", 8 * (2 * recv + 2 * n))}  # gathered, received, placed
     files = {"files written": ("host", save_buffer_bytes(n, mi.key_chars, D, d))}
     done = {"level-2 results": ("host", owned * result), "route index": ("host", index)}
     return {"level2": _stage("level2", _merge(kept, level2), [lloyd], dev),
             "return": _stage("return", _merge(kept, done), [back, files], dev)}
+
+
+def _lloyd(mi: MemoryInputs, n: int, k: int, d: int, rows_on_device: bool) -> dict:
+    """One iteration of the configured clustering method at its peak (kmeans.py or sinkhorn.py)."""
+    if mi.method == "sinkhorn":
+        return sinkhorn_memory(n, k, d, mi.device, rows_on_device)
+    return lloyd_memory(n, k, d, mi.device, mi.backend, rows_on_device)
 
 
 def stage_memory(mi: MemoryInputs) -> dict[str, StageMemory]:
@@ -180,7 +189,7 @@ def stage_memory(mi: MemoryInputs) -> dict[str, StageMemory]:
     kept = _kept(mi)
     stages = _extract_pca(mi, kept)
     kept = _merge(kept, {"pca": ("host", params_elements(D, d) * 8)})
-    lloyd = lloyd_memory(n, mi.m, d, mi.device, mi.backend, _white_on_device(mi))
+    lloyd = _lloyd(mi, n, mi.m, d, _white_on_device(mi))
     stages["level1"] = _stage("level1", kept, [lloyd], mi.device)
     kept = _merge(kept, {"level-1 labels": ("host", result_bytes(n, mi.m, d) + n * 8)})  # + sub_local's clone
     index = route.index_bytes(n, recv)[1]

@@ -75,6 +75,8 @@ class PlanInputs:
     route_chunk_mb: int = 256  # cluster.route_chunk_mb: one routing round, each way
     device: str = "cuda"  # where PCA, k-means and training run: cuda | cpu (--bench-device)
     kmeans_backend: str = "faiss"  # the E-step kmeans.resolve_backend picks: faiss (GPU build) | torch
+    method: str = "kmeans"  # cluster.method: kmeans | sinkhorn
+    sinkhorn_iters: int = 3  # cluster.sinkhorn_iters: one more pass over the rows each, per iteration
 
     def __post_init__(self):
         self.images, self.gpus = int(self.images), int(self.gpus)
@@ -157,7 +159,7 @@ def resident_training_bytes(p: PlanInputs, s: Shape) -> float:
 
 def memory_inputs(p: PlanInputs, s: Shape) -> MemoryInputs:
     return MemoryInputs(rows=s.n, world=p.gpus, feature_dim=p.feature_dim, pca_dim=s.d, k=p.k, m=p.m,
-                        device=p.device, backend=p.kmeans_backend, memmap_gb=p.memmap_gb,
+                        device=p.device, backend=p.kmeans_backend, memmap_gb=p.memmap_gb, method=p.method,
                         route_chunk_bytes=p.route_chunk_mb << 20, key_chars=p.key_chars,
                         resident_device=resident_training_bytes(p, s) if p.device == "cuda" else 0.0,
                         extract_device=p.batch * s.cost.max_act * s.act_bytes * 2)
@@ -168,6 +170,17 @@ def _row(name: str, mem: dict, notes: list, **values) -> StageRow:
     m = mem[name]
     return StageRow(name, gpu_bytes=m.device, ram_bytes=m.host, disk_bytes=m.disk,
                     notes=notes + [m.note()], **values)
+
+
+def lloyd_cost(p: PlanInputs, r: Rates, n: int, k: int, d: int, group: int, bw: float, vote: int = 0):
+    """(bytes a rank sends, seconds) of the niter iterations of one clustering of n rows over `group`
+    ranks: the E-step pass and the M-step all_reduce (+ the preemption vote at level 1); sinkhorn adds
+    sinkhorn_iters passes and two all_reduces of k numbers per iteration (cluster/sinkhorn.py), its
+    passes costed at the E-step's rate per point x centroid x dimension (an approximation)."""
+    messages = [message_elements(k, d, True, vote)] + ([k] * 2 * p.sinkhorn_iters if p.method == "sinkhorn" else [])
+    passes = 1 + (p.sinkhorn_iters if p.method == "sinkhorn" else 0)
+    net = p.niter * sum(ring(e * 8, group) for e in messages)
+    return net, p.niter * passes * n * k * d * r.kmeans_s_pcd.value + net / bw
 
 
 def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
@@ -187,17 +200,16 @@ def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
     pca = _row("pca", mem, [f"all_reduce {moments / 1e6:.1f} MB of float64 moments",
                             f"whitened {s.n} x {d}: {whitened}"],
                net_bytes_round=pca_net, seconds_round=pca_flop / r.pca_flops.value + pca_net / bw)
-    l1_net = p.niter * ring(message_elements(p.m, d, True, 1) * 8, W)  # + the preemption vote
-    level1 = _row("level1", mem, [f"{p.niter} iterations, m={p.m} over {W} ranks"], net_bytes_round=l1_net,
-                  seconds_round=p.niter * s.n * p.m * d * r.kmeans_s_pcd.value + l1_net / bw)
+    l1_net, l1_s = lloyd_cost(p, r, s.n, p.m, d, W, bw, vote=1)
+    level1 = _row("level1", mem, [f"{p.niter} {p.method} iterations, m={p.m} over {W} ranks"],
+                  net_bytes_round=l1_net, seconds_round=l1_s)
     route = _row("route", mem, [f"all_to_all {routed / 1e9:.2f} GB per rank, in rounds of {p.route_chunk_mb} MiB"],
                  net_bytes_round=routed, seconds_round=routed / bw)
-    sums = message_elements(s.sub, d, True) * 8
-    l2_net = p.niter * ring(sums, s.level2_group) * s.supers_per_rank
+    l2_net, l2_s = (x * s.supers_per_rank for x in lloyd_cost(p, r, s.n, s.sub, d, s.level2_group, bw2))
     level2 = _row("level2", mem, [f"k/m={s.sub} per super-cluster, groups of {s.level2_group} rank(s) "
                                   f"({'NVLink' if bw2 == r.intra_bytes_s.value else 'network'}), "
                                   f"{s.supers_per_rank} super-cluster(s) per rank"],
-                  net_bytes_round=l2_net, seconds_round=p.niter * s.n * s.sub * d * r.kmeans_s_pcd.value + l2_net / bw2)
+                  net_bytes_round=l2_net, seconds_round=l2_s)
     cluster_files = p.images * (16 + 4 * p.key_chars) + (p.k + p.m) * d * 4 + (D * d + D) * 8
     ret = _row("return", mem, [f"RUN/clusters: {cluster_files / 1e9:.2f} GB per round (keys, labels, centroids)"],
                net_bytes_round=s.n * 8, storage_bytes=cluster_files * s.rounds, seconds_round=s.n * 8 / bw)
@@ -284,6 +296,7 @@ def predicted_smoke(cfg, world: int, num_samples: int) -> dict:
                         rotations=t.rotations, feature_dim=cost.feature_dim, pca_dim=c.pca_dim,
                         batch=d_cfg.batch_size, epochs=t.epochs, reassign=t.reassign, arch=m_cfg.arch,
                         sobel=bool(m_cfg.sobel), niter=c.niter, all_rotations=bool(t.all_rotations),
+                        method=c.method, sinkhorn_iters=c.sinkhorn_iters,
                         memmap_gb=c.memmap_gb, workers=d_cfg.num_workers, bf16=False)
     rows = {r.stage: r for r in plan(inputs)}
     s = Shape.of(inputs, cost)
@@ -365,6 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the device the planned run uses (its memory: GPU or host): k-means and train "
                              "measurements made on another device are not used")
     parser.add_argument("--kmeans-backend", default="faiss", choices=("faiss", "torch"))
+    parser.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn"))
+    parser.add_argument("--sinkhorn-iters", type=int, default=fields["sinkhorn_iters"].default)
     parser.add_argument("--train-img-s", type=float, help="override: training rows/s per GPU")
     parser.add_argument("--loader-img-s", type=float, help="override: loader img/s per rank")
     parser.add_argument("--net-gb-s", type=float, help="override: GB/s per rank between nodes")
