@@ -144,6 +144,17 @@ def _instrument(meter: Meter) -> dict:
         return hier(*args, **kwargs)
 
     stage.fit_pca, stage.hierarchical_kmeans, hierarchy.RoutePlan = marked_fit_pca, marked_hier, MarkedRoutePlan
+    from dist_cluster.cluster import pic  # cluster.method=pic: level1 is its k-NN graph, level2 the rest
+    real_pic, real_power = stage.pic, pic.power_iterations
+
+    def marked_pic(*args, **kwargs):
+        meter.mark("level1")
+        return real_pic(*args, **kwargs)
+
+    def marked_power(*args, **kwargs):
+        meter.mark("level2")
+        return real_power(*args, **kwargs)
+    stage.pic, pic.power_iterations = marked_pic, marked_power
     return seen
 
 
@@ -303,7 +314,7 @@ def parse_args(argv=None):
     p.add_argument("--m", type=int, default=4)
     p.add_argument("--niter", type=int, default=2)
     p.add_argument("--backend", default="auto", help="k-means E-step: auto | faiss | torch")
-    p.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn"), help="cluster.method")
+    p.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn", "pic"), help="cluster.method")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--memmap-gb", type=float, default=16.0)
     p.add_argument("--route-chunk-mb", type=int, default=4,

@@ -67,10 +67,15 @@ class ClusterConfig:
     memmap_dir: str = "/tmp"
     route_chunk_mb: int = 256  # level-2 routing: MiB one round sends (and receives) per rank
     # kmeans (Lloyd) | sinkhorn: the same iterations with balanced assignments, every cluster N/k
-    # images (SeLa's Sinkhorn-Knopp, cluster/sinkhorn.py), at both levels of the hierarchy
+    # images (SeLa's Sinkhorn-Knopp, cluster/sinkhorn.py), at both levels of the hierarchy | pic:
+    # power iteration clustering on a k-NN graph (cluster/pic.py), flat (m = 1), k from the graph
     method: str = "kmeans"
     sinkhorn_epsilon: float = 0.05  # entropy weight: the scores are cosines / epsilon
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations per assignment (SwAV: 3)
+    pic_knn: int = 10  # neighbours per row in PIC's graph (Douze et al. 2018)
+    pic_sigma: float = 0.2  # Gaussian kernel bandwidth on squared distances of L2-normalised rows
+    pic_alpha: float = 0.001  # weight of the walk against the uniform restart
+    pic_iters: int = 200  # power iterations (stopped early, before v flattens)
 
 
 @dataclass
@@ -198,7 +203,12 @@ def validate(cfg: DictConfig) -> None:
     _check(c.pca_dim >= 1, "cluster.pca_dim", "must be >= 1")
     _check(c.backend in ("auto", "faiss", "torch"), "cluster.backend", "auto | faiss | torch")
     _check(c.route_chunk_mb >= 1, "cluster.route_chunk_mb", "must be >= 1")
-    _check(c.method in ("kmeans", "sinkhorn"), "cluster.method", f"kmeans | sinkhorn, got {c.method!r}")
+    _check(c.method in ("kmeans", "sinkhorn", "pic"), "cluster.method", f"kmeans | sinkhorn | pic, got {c.method!r}")
+    _check(c.method != "pic" or c.m == 1, "cluster.m",
+           f"m={c.m} with cluster.method=pic: PIC finds its own number of clusters, flat (set cluster.m=1)")
+    _check(c.pic_knn >= 1 and c.pic_sigma > 0 and 0 < c.pic_alpha <= 1 and c.pic_iters >= 1, "cluster.pic_knn",
+           f"pic_knn >= 1, pic_sigma > 0, 0 < pic_alpha <= 1, pic_iters >= 1; got {c.pic_knn}, {c.pic_sigma}, "
+           f"{c.pic_alpha}, {c.pic_iters}")
     _check(c.sinkhorn_epsilon > 0 and c.sinkhorn_iters >= 1, "cluster.sinkhorn_epsilon",
            f"epsilon > 0 and sinkhorn_iters >= 1, got {c.sinkhorn_epsilon}, {c.sinkhorn_iters}")
     _check(t.rotations in (1, 4), "train.rotations", "must be 1 or 4")
@@ -276,6 +286,8 @@ def validate_against_data(cfg: DictConfig) -> None:
             if cfg.data.max_samples > 0 else ""
         _check(cfg.cluster.k <= manifest.num_samples, "cluster.k",
                f"k={cfg.cluster.k} clusters for the {manifest.num_samples} images of {cfg.data.train}{capped}")
+        _check(cfg.cluster.method != "pic" or cfg.cluster.pic_knn < manifest.num_samples, "cluster.pic_knn",
+               f"{cfg.cluster.pic_knn} neighbours for the {manifest.num_samples} images of {cfg.data.train}{capped}")
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:

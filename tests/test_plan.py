@@ -6,6 +6,7 @@ modules, and the command line.
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 import json
 import math
 
@@ -388,3 +389,40 @@ def test_bench_memory_tiny_run(tmp_path):
                        "--out", str(tmp_path / "memory.json")])
     assert [r["stage"] for r in doc["rows"]] == list(memory.STAGES)
     assert all(r["measured_peak_bytes"] > 0 and r["recv_rows_max"] > 0 for r in doc["rows"])
+
+
+def test_pic_memory_and_cost_by_hand():
+    """cluster.method=pic: level 1 is the k-NN search (its distance blocks) or the graph build,
+    whichever is larger, level 2 the power iterations over the kept graph; nothing is routed; the
+    graph costs one pass of every rank's rows round the ring and a search against all N rows."""
+    from dist_cluster.cluster.pic import GRAPH_BYTES_PER_EDGE, POWER_BYTES_PER_EDGE, SEARCH_ELEMENTS
+    from dist_cluster.plan.methods import PIC_EDGE_S, pic_costs
+    knn, d = 10, 8
+
+    def stages(n):
+        return stage_memory(MemoryInputs(rows=n, world=2, feature_dim=16, pca_dim=d, k=8, m=1, device="cpu",
+                                         backend="torch", memmap_gb=1.0, key_chars=5, route_chunk_bytes=1 << 20,
+                                         method="pic", pic_knn=knn))
+    for n in (5000, 1_000_000):
+        st, edges = stages(n), n * knn
+        piece = min((1 << 20) // (4 * d), n)  # rows of one ring piece
+        search = 16 * edges + 2 * piece * (4 * d + 8) + piece * d * 8 + \
+            8 * min(n, SEARCH_ELEMENTS // piece) * (piece + knn) * 8
+        graph = 12 * edges + GRAPH_BYTES_PER_EDGE * edges
+        kept_graph = 12 * edges + 8 * n + 32 * edges  # k-NN lists and the CSR graph
+        assert (graph > search) == (n == 1_000_000)  # the search's blocks are the peak of small runs
+        assert st["level1"].host - st["route"].host == max(search, graph) - kept_graph
+        assert st["level2"].host - st["route"].host == POWER_BYTES_PER_EDGE * edges
+        assert st["route"].items["graph (CSR, symmetric)"] == ("host", 8 * n + 32 * edges)
+        assert "receive buffer" not in st["route"].items
+    p = small_inputs()
+    p.method, p.m, p.k = "pic", 1, 16
+    rates = default_rates(arch_cost(p.arch, p.image_size, p.sobel, p.feature_dim), 8, p.workers)
+    (g_net, g_s), (p_net, p_s) = pic_costs(p, rates, 1000, 8, 1e9)
+    remote = (p.gpus - 1) / p.gpus
+    assert g_net == pytest.approx((p.gpus - 1) * 1000 * 40 + 24 * 1000 * p.pic_knn * remote)
+    assert g_s == pytest.approx(1000 * p.images * 8 * rates.kmeans_s_pcd.value + g_net / 1e9)
+    assert p_net == pytest.approx(2 * p.pic_iters * 2 * 1000 * p.pic_knn * 8 * remote)
+    assert p_s == pytest.approx(p.pic_iters * 2 * 1000 * p.pic_knn * PIC_EDGE_S + p_net / 1e9)
+    with pytest.raises(ValueError, match="PIC is flat"):
+        replace(p, m=2)

@@ -30,6 +30,7 @@ import torch
 from dist_cluster.cluster.hierarchy import HierResult, hierarchical_kmeans
 from dist_cluster.cluster.nmi import distributed_nmi
 from dist_cluster.cluster.pca import fit_pca
+from dist_cluster.cluster.pic import pic
 from dist_cluster.runtime import comm
 from dist_cluster.runtime.logger import Timer
 from dist_cluster.runtime.preemption import NO_POLL
@@ -129,7 +130,7 @@ def run_clustering(features_local, keys_local, cfg_cluster, round_idx: int, run_
             pca, res = _pca_and_kmeans(features_local, c, round_idx, logger, seed, device, poll, overwrite_features)
     state = ClusterState(keys=keys, super=res.super_local.numpy(), sub=res.sub_local.numpy(),
                          sub_sizes=res.sub_sizes.numpy(), super_sizes=res.super_sizes.numpy(),
-                         round_idx=round_idx, k=c.k, m=c.m)
+                         round_idx=round_idx, k=len(res.sub_sizes), m=len(res.super_sizes))  # pic: its own k
     nmi = _nmi_with_prev(state, prev, c, seed)
     _log_summary(logger, res, state, nmi, round_idx, total.seconds)
     save_cluster_state(run_dir, state, res, pca)
@@ -155,6 +156,8 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
         logger.event("kmeans", round=round_idx, level=level, super=super, iteration=iteration,
                      objective=objective, seconds=seconds)
     try:
+        if c.method == "pic":
+            return pca, _pic_round(x, c, device, logger, round_idx)
         res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, device, c.backend, log=log_iteration,
                                   init_samples_per_rank=c.init_samples_per_rank, poll=poll,
                                   route_chunk_bytes=c.route_chunk_mb << 20, method=c.method,
@@ -162,6 +165,21 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
     finally:
         del x, buf  # a memmap's disk space is freed here (its file is already unlinked)
     return pca, res
+
+
+def _pic_round(x, c, device: torch.device, logger, round_idx: int) -> HierResult:
+    """cluster.method=pic over the whitened rows, as the hierarchy's result of one super-cluster (the
+    summary's seconds_level1: the k-NN graph, seconds_level2: power iterations and basins)."""
+    res = pic(x, c.pic_knn, c.pic_sigma, c.pic_alpha, c.pic_iters, device, block_bytes=c.route_chunk_mb << 20)
+    logger.event("pic", round=round_idx, clusters=res.num_clusters, singletons_moved=res.singletons_moved,
+                 seconds=res.seconds)
+    world, n = comm.group_size(), int(res.sizes.sum())
+    return HierResult(super_local=torch.zeros_like(res.labels_local), sub_local=res.labels_local,
+                      centroids_super=torch.zeros(1, int(x.shape[1])), centroids_sub={},
+                      sub_sizes=res.sizes, super_sizes=torch.tensor([n]),
+                      seconds={"level1": res.seconds["graph"], "route": 0.0, "level2": res.seconds["power"],
+                               "return": 0.0},
+                      owners=[list(range(world))])
 
 
 def _nmi_with_prev(state: ClusterState, prev: Optional[ClusterState], c, seed: int) -> dict:

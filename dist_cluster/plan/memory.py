@@ -36,6 +36,7 @@ from typing import Optional
 
 from dist_cluster.cluster import extract, route
 from dist_cluster.cluster.kmeans import lloyd_memory, result_bytes
+from dist_cluster.cluster.pic import pic_memory
 from dist_cluster.cluster.sinkhorn import sinkhorn_memory
 from dist_cluster.cluster.pca import apply_memory, fit_memory, params_elements
 from dist_cluster.cluster.stage import save_buffer_bytes, whitened_place
@@ -63,7 +64,8 @@ class MemoryInputs:
     resident_device: float = 0.0  # bytes the caller keeps on the device through these stages
     resident_host: float = 0.0
     extract_device: float = 0.0  # the trunk's forward pass during EXTRACT (plan/planner.py)
-    method: str = "kmeans"  # cluster.method: kmeans | sinkhorn (its scores and scalings, cluster/sinkhorn.py)
+    method: str = "kmeans"  # cluster.method: kmeans | sinkhorn (its scores and scalings, cluster/sinkhorn.py) | pic
+    pic_knn: int = 10  # cluster.pic_knn: PIC's edges per row
 
 
 @dataclass
@@ -182,6 +184,20 @@ def _lloyd(mi: MemoryInputs, n: int, k: int, d: int, rows_on_device: bool) -> di
     return lloyd_memory(n, k, d, mi.device, mi.backend, rows_on_device)
 
 
+def _pic_stages(mi: MemoryInputs, kept: dict) -> dict[str, StageMemory]:
+    """cluster.method=pic (cluster/pic.py): level1 is the k-NN graph, level2 the power iterations;
+    nothing is routed."""
+    n, D, d = mi.rows, mi.feature_dim, min(mi.pca_dim, mi.feature_dim)
+    phases = pic_memory(n, mi.pic_knn, d, n, mi.device, mi.route_chunk_bytes)
+    graph = _merge(kept, phases["kept"])
+    labels = {"labels": ("host", result_bytes(n, 1, d))}
+    files = {"files written": ("host", save_buffer_bytes(n, mi.key_chars, D, d))}
+    return {"level1": _stage("level1", kept, [phases["search"], phases["graph"]], mi.device),
+            "route": _stage("route", graph, [], mi.device),
+            "level2": _stage("level2", graph, [phases["power"]], mi.device),
+            "return": _stage("return", _merge(kept, labels), [files], mi.device)}
+
+
 def stage_memory(mi: MemoryInputs) -> dict[str, StageMemory]:
     """Peak bytes per rank of each stage in STAGES (see the module docstring)."""
     n, D, d = mi.rows, mi.feature_dim, min(mi.pca_dim, mi.feature_dim)
@@ -189,6 +205,8 @@ def stage_memory(mi: MemoryInputs) -> dict[str, StageMemory]:
     kept = _kept(mi)
     stages = _extract_pca(mi, kept)
     kept = _merge(kept, {"pca": ("host", params_elements(D, d) * 8)})
+    if mi.method == "pic":
+        return {**stages, **_pic_stages(mi, kept)}
     lloyd = _lloyd(mi, n, mi.m, d, _white_on_device(mi))
     stages["level1"] = _stage("level1", kept, [lloyd], mi.device)
     kept = _merge(kept, {"level-1 labels": ("host", result_bytes(n, mi.m, d) + n * 8)})  # + sub_local's clone

@@ -41,10 +41,10 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from dist_cluster.cluster.kmeans import message_elements
 from dist_cluster.cluster.pca import moments_elements, params_elements
 from dist_cluster.plan.costs import SAVED_COPIES, ArchCost, Rate, Rates, arch_cost, default_rates, measured_rates
 from dist_cluster.plan.memory import MemoryInputs, stage_memory  # the per-stage peaks (bench/memory.py too)
+from dist_cluster.plan.methods import lloyd_cost, pic_costs, ring
 
 GiB = 2 ** 30
 
@@ -75,8 +75,10 @@ class PlanInputs:
     route_chunk_mb: int = 256  # cluster.route_chunk_mb: one routing round, each way
     device: str = "cuda"  # where PCA, k-means and training run: cuda | cpu (--bench-device)
     kmeans_backend: str = "faiss"  # the E-step kmeans.resolve_backend picks: faiss (GPU build) | torch
-    method: str = "kmeans"  # cluster.method: kmeans | sinkhorn
+    method: str = "kmeans"  # cluster.method: kmeans | sinkhorn | pic
     sinkhorn_iters: int = 3  # cluster.sinkhorn_iters: one more pass over the rows each, per iteration
+    pic_knn: int = 10  # cluster.pic_knn
+    pic_iters: int = 200  # cluster.pic_iters
 
     def __post_init__(self):
         self.images, self.gpus = int(self.images), int(self.gpus)
@@ -84,6 +86,8 @@ class PlanInputs:
             raise ValueError(f"--images and --gpus must be >= 1, got {self.images}, {self.gpus}")
         if self.k < self.m or self.k % self.m:
             raise ValueError(f"k={self.k} must be a multiple of m={self.m}")
+        if self.method == "pic" and self.m != 1:
+            raise ValueError(f"m={self.m} with --method pic: PIC is flat (m = 1)")
         if self.images < self.gpus * self.batch:
             raise ValueError(f"{self.images} images cannot give every one of {self.gpus} ranks a batch of {self.batch}")
         self.nodes = self.nodes or math.ceil(self.gpus / 8)
@@ -101,11 +105,6 @@ class StageRow:
     read_bytes_round: float = 0.0  # per rank, shard bytes read per round
     seconds_round: float = 0.0
     notes: list = field(default_factory=list)
-
-
-def ring(nbytes: float, group: int) -> float:
-    """Bytes one rank sends in a ring all_reduce of `nbytes` over `group` ranks."""
-    return 2 * (group - 1) / group * nbytes if group > 1 else 0.0
 
 
 def group_bandwidth(p: PlanInputs, r: Rates, group: int, items: int = 1) -> float:
@@ -160,7 +159,7 @@ def resident_training_bytes(p: PlanInputs, s: Shape) -> float:
 def memory_inputs(p: PlanInputs, s: Shape) -> MemoryInputs:
     return MemoryInputs(rows=s.n, world=p.gpus, feature_dim=p.feature_dim, pca_dim=s.d, k=p.k, m=p.m,
                         device=p.device, backend=p.kmeans_backend, memmap_gb=p.memmap_gb, method=p.method,
-                        route_chunk_bytes=p.route_chunk_mb << 20, key_chars=p.key_chars,
+                        pic_knn=p.pic_knn, route_chunk_bytes=p.route_chunk_mb << 20, key_chars=p.key_chars,
                         resident_device=resident_training_bytes(p, s) if p.device == "cuda" else 0.0,
                         extract_device=p.batch * s.cost.max_act * s.act_bytes * 2)
 
@@ -170,17 +169,6 @@ def _row(name: str, mem: dict, notes: list, **values) -> StageRow:
     m = mem[name]
     return StageRow(name, gpu_bytes=m.device, ram_bytes=m.host, disk_bytes=m.disk,
                     notes=notes + [m.note()], **values)
-
-
-def lloyd_cost(p: PlanInputs, r: Rates, n: int, k: int, d: int, group: int, bw: float, vote: int = 0):
-    """(bytes a rank sends, seconds) of the niter iterations of one clustering of n rows over `group`
-    ranks: the E-step pass and the M-step all_reduce (+ the preemption vote at level 1); sinkhorn adds
-    sinkhorn_iters passes and two all_reduces of k numbers per iteration (cluster/sinkhorn.py), its
-    passes costed at the E-step's rate per point x centroid x dimension (an approximation)."""
-    messages = [message_elements(k, d, True, vote)] + ([k] * 2 * p.sinkhorn_iters if p.method == "sinkhorn" else [])
-    passes = 1 + (p.sinkhorn_iters if p.method == "sinkhorn" else 0)
-    net = p.niter * sum(ring(e * 8, group) for e in messages)
-    return net, p.niter * passes * n * k * d * r.kmeans_s_pcd.value + net / bw
 
 
 def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
@@ -214,9 +202,23 @@ def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
     ret = _row("return", mem, [f"RUN/clusters: {cluster_files / 1e9:.2f} GB per round (keys, labels, centroids)"],
                net_bytes_round=s.n * 8, storage_bytes=cluster_files * s.rounds, seconds_round=s.n * 8 / bw)
     rows = [extract, pca, level1, route, level2, ret]
+    if p.method == "pic":
+        rows[2:5] = pic_rows(p, s, r, mem, bw)
     if p.k == 1:  # RotNet: no extraction, no clustering
         rows = [StageRow(row.stage, notes=["skipped: k = 1"]) for row in rows]
     return rows
+
+
+def pic_rows(p: PlanInputs, s: Shape, r: Rates, mem: dict, bw: float) -> list[StageRow]:
+    """level1, route, level2 of cluster.method=pic: the k-NN graph, nothing routed, the power iterations."""
+    (g_net, g_s), (p_net, p_s) = pic_costs(p, r, s.n, s.d, bw)
+    level1 = _row("level1", mem, [f"brute-force {p.pic_knn}-NN graph of {p.images} rows, every rank's rows "
+                                  f"passed round the ring once"], net_bytes_round=g_net, seconds_round=g_s)
+    route = StageRow("route", gpu_bytes=mem["route"].device, ram_bytes=mem["route"].host,
+                     disk_bytes=mem["route"].disk, notes=["nothing routed: PIC is flat"])
+    level2 = _row("level2", mem, [f"{p.pic_iters} power iterations (numpy, host), basins"],
+                  net_bytes_round=p_net, seconds_round=p_s)
+    return [level1, route, level2]
 
 
 def train_row(p: PlanInputs, s: Shape, r: Rates) -> StageRow:
@@ -296,7 +298,7 @@ def predicted_smoke(cfg, world: int, num_samples: int) -> dict:
                         rotations=t.rotations, feature_dim=cost.feature_dim, pca_dim=c.pca_dim,
                         batch=d_cfg.batch_size, epochs=t.epochs, reassign=t.reassign, arch=m_cfg.arch,
                         sobel=bool(m_cfg.sobel), niter=c.niter, all_rotations=bool(t.all_rotations),
-                        method=c.method, sinkhorn_iters=c.sinkhorn_iters,
+                        method=c.method, sinkhorn_iters=c.sinkhorn_iters, pic_knn=c.pic_knn, pic_iters=c.pic_iters,
                         memmap_gb=c.memmap_gb, workers=d_cfg.num_workers, bf16=False)
     rows = {r.stage: r for r in plan(inputs)}
     s = Shape.of(inputs, cost)
@@ -378,8 +380,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the device the planned run uses (its memory: GPU or host): k-means and train "
                              "measurements made on another device are not used")
     parser.add_argument("--kmeans-backend", default="faiss", choices=("faiss", "torch"))
-    parser.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn"))
-    parser.add_argument("--sinkhorn-iters", type=int, default=fields["sinkhorn_iters"].default)
+    parser.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn", "pic"))
+    for name in ("sinkhorn_iters", "pic_knn", "pic_iters"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=fields[name].default)
     parser.add_argument("--train-img-s", type=float, help="override: training rows/s per GPU")
     parser.add_argument("--loader-img-s", type=float, help="override: loader img/s per rank")
     parser.add_argument("--net-gb-s", type=float, help="override: GB/s per rank between nodes")

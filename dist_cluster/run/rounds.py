@@ -151,7 +151,7 @@ class Run:
         if clusters is None:
             return LabelTable.rotnet()
         return LabelTable(clusters.keys, clusters.super, clusters.sub, clusters.super_sizes,
-                          clusters.sub_sizes, self.cfg.cluster.k, self.cfg.cluster.m, self.cfg.train.balance)
+                          clusters.sub_sizes, clusters.k, clusters.m, self.cfg.train.balance)
 
     def head_loads(self, clusters) -> Optional[list[int]]:
         """Expected rows of each sub head, so that head ownership follows the data: with every image
@@ -171,6 +171,8 @@ class Run:
             self.module.super_head.reset(seed, init)
         params = list(self.module.super_head.parameters())
         self.heads = None
+        if clusters is not None:  # cluster.method=pic finds its own k: the heads follow the round's
+            self.sub_classes = clusters.k // clusters.m
         if self.sub_classes > 1:
             self.heads = RoutedHeads(self.module.trunk.feature_dim, self.num_super, self.sub_classes,
                                      self.device, seed=seed, loads=self.head_loads(clusters),
