@@ -133,3 +133,22 @@ def test_pic_memory_bench_quick(tmp_path):
     row = doc["rows"][0]
     for phase in ("graph", "power"):
         assert 0.75 < row[phase]["ratio"] < 1.25, (phase, row[phase])
+
+
+def _knn_on_ranks(rank, world, x):
+    from dist_cluster.cluster.pic import knn_search, row_offsets
+    bounds = np.concatenate([[0], np.cumsum(SPLITS[world])])
+    mine = torch.from_numpy(x[bounds[rank]:bounds[rank + 1]])
+    return knn_search(mine, KNN, row_offsets(len(mine)), torch.device("cpu"), block_bytes=16 * 4 * 4)[0]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_knn_ties_go_to_the_smaller_id_on_any_rank_count(world):
+    """Rows of small integers: distances are exact and tied everywhere (duplicates too); every rank
+    count gives the neighbours a stable sort of the exact distances gives (ties: the smaller id)."""
+    x = np.random.default_rng(1).integers(0, 3, (300, 4)).astype(np.float32)
+    d2 = ((x[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    want = np.argsort(d2, axis=1, kind="stable")[:, :KNN]
+    got = np.concatenate(run_ranks(_knn_on_ranks, world, args=(x,)))
+    assert np.array_equal(got, want)

@@ -407,7 +407,7 @@ def test_pic_memory_and_cost_by_hand():
         st, edges = stages(n), n * knn
         piece = min((1 << 20) // (4 * d), n)  # rows of one ring piece
         search = 16 * edges + 2 * piece * (4 * d + 8) + piece * d * 8 + \
-            8 * min(n, SEARCH_ELEMENTS // piece) * (piece + knn) * 8
+            min(n, SEARCH_ELEMENTS // piece) * piece * (4 * 8 + 2)  # float64 blocks x 4, 2 masks
         graph = 12 * edges + GRAPH_BYTES_PER_EDGE * edges
         kept_graph = 12 * edges + 8 * n + 32 * edges  # k-NN lists and the CSR graph
         assert (graph > search) == (n == 1_000_000)  # the search's blocks are the peak of small runs

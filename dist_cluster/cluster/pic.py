@@ -68,10 +68,9 @@ def pic_memory(n: int, knn: int, d: int, rows_max: int, device_type: str,
     search = {"k-NN lists (float64 distances, ids)": ("host", 16 * edges),
               "ring pieces (sent, received)": ("device", 2 * piece * (4 * d + 8)),
               "piece in float64": ("device", piece * d * 8),
-              # distances, the candidates (distances, ids), their sort order and sorted copies
-              "distance blocks": ("host", 8 * chunk * (piece + knn) * 8)}
-    if device_type == "cuda":
-        search["distance blocks (device)"] = ("device", 3 * chunk * piece * 8)
+              # the float64 distances, the temporaries of their expression and topk's, two boolean
+              # masks (own rows, ties): 4 x 8 + 2 bytes per element, measured by bench/memory.py
+              "distance blocks": ("device", chunk * piece * (4 * 8 + 2))}
     lists = {"k-NN lists": ("host", 12 * edges)}
     return {"search": search,
             "graph": {**lists, "graph build (sorts, reverse edges)": ("host", GRAPH_BYTES_PER_EDGE * edges)},
@@ -136,23 +135,39 @@ def knn_search(x_local, knn: int, offsets: np.ndarray, device: torch.device, gro
 def _merge_nearest(x_local, first_id: int, piece: torch.Tensor, piece_ids: torch.Tensor, best_d, best_i,
                    device) -> None:
     """Fold one piece of rows into every local row's `knn` nearest (in place); local row i is the
-    global id first_id + i. Distances in float64 (near-ties would otherwise depend on the rank count)."""
+    global id first_id + i, the piece's ids ascend. Distances in float64 (near-ties would otherwise
+    depend on the rank count); exact ties go to the smaller id."""
     if len(piece) == 0:
         return
-    knn, norms = best_d.shape[1], (piece.double() ** 2).sum(1)
+    knn, norms, piece64 = best_d.shape[1], (piece.double() ** 2).sum(1), piece.double()
+    take = min(knn, len(piece))
     chunk = max(1, SEARCH_ELEMENTS // len(piece))
     for start, queries in row_chunks(x_local, chunk, device):
         q = queries.double()
-        dist = ((q ** 2).sum(1, keepdim=True) + norms[None] - 2 * q @ piece.double().T).clamp_min(0).cpu()
+        dist = ((q ** 2).sum(1, keepdim=True) + norms[None] - 2 * q @ piece64.T).clamp_min(0)
+        own = torch.arange(first_id + start, first_id + start + len(q), device=dist.device)
+        dist[own[:, None] == piece_ids.to(dist.device)[None]] = math.inf  # a row is not its own neighbour
+        near_d, near_at = _nearest_in_piece(dist, take)
         rows = slice(start, start + len(q))
-        own = torch.arange(first_id + start, first_id + start + len(q))
-        dist[own[:, None] == piece_ids.cpu()[None]] = math.inf  # a row is not its own neighbour
-        cand_d = torch.cat([best_d[rows], dist], 1)
-        cand_i = torch.cat([best_i[rows], piece_ids.expand(len(q), -1)], 1)
+        cand_d = torch.cat([best_d[rows], near_d.cpu()], 1)
+        cand_i = torch.cat([best_i[rows], piece_ids.cpu()[near_at.cpu()]], 1)
         order = torch.argsort(cand_i, dim=1, stable=True)  # ties go to the smaller id
         cand_d, cand_i = cand_d.gather(1, order), cand_i.gather(1, order)
         keep = torch.argsort(cand_d, dim=1, stable=True)[:, :knn]
         best_d[rows], best_i[rows] = cand_d.gather(1, keep), cand_i.gather(1, keep)
+
+
+def _nearest_in_piece(dist: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([q, take] distances, [q, take] columns) of each row's `take` smallest, in no order, ties to
+    the smaller column: topk (linear in the piece), and a stable sort for the rare rows whose largest
+    kept value is shared by a column topk left out."""
+    near_d, near_at = torch.topk(dist, take, dim=1, largest=False)
+    tied = (dist <= near_d.max(1, keepdim=True).values).sum(1) > take
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        order = torch.argsort(dist[rows], dim=1, stable=True)[:, :take]
+        near_d[rows], near_at[rows] = dist[rows].gather(1, order), order
+    return near_d, near_at
 
 
 def symmetric_graph(knn_ids: np.ndarray, knn_d2: np.ndarray, sigma: float, offsets: np.ndarray,
