@@ -52,6 +52,10 @@ VARIANTS = {
     "original": ["train.balance=resample", "train.reassign=3", "train.head_init=default", "train.lr=0.1"],
     "original-m1": ["train.balance=resample", "train.reassign=3", "train.head_init=default", "train.lr=0.1",
                     "cluster.m=1"],
+    # the other pseudo-labelling methods (issue 24): balanced assignments at both levels, and PIC
+    # (flat, its own number of clusters from the k-NN graph)
+    "sinkhorn": ["cluster.method=sinkhorn"],
+    "pic": ["cluster.method=pic", "cluster.m=1"],
 }
 # the baselines: the knobs they have, to tell a DeeperCluster effect from a shared one
 BASELINE_VARIANTS = {"deepcluster": ("resample", "balance-none", "k20", "k400", "reassign2", "original"),

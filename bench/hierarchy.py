@@ -169,6 +169,21 @@ def run_variant(args, rows_path: Path, world: int, m: int) -> tuple[dict, np.nda
     return row, labels
 
 
+def cached_variant(args, rows_path: Path, world: int, m: int) -> tuple[dict, np.ndarray]:
+    """run_variant, with its row and labels kept beside the features: an interrupted bench resumes."""
+    stem = rows_path.with_suffix("").name + f"-k{args.k}-it{args.niter}-t{args.threads}-W{world}-m{m}"
+    row_path, labels_path = CACHE / f"{stem}.json", CACHE / f"{stem}.labels.npy"
+    if args.resume and row_path.exists() and labels_path.exists():
+        print(f"reusing {row_path.name}", flush=True)
+        return json.loads(row_path.read_text()), np.load(labels_path)
+    row, labels = run_variant(args, rows_path, world, m)
+    row["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    row["load_average"] = os.getloadavg()
+    np.save(labels_path, labels)
+    row_path.write_text(json.dumps(row))
+    return row, labels
+
+
 def compare(rows: list[dict], labels: dict) -> None:
     """Ratios and NMI against the flat run of the same (world, dim)."""
     from sklearn.metrics import normalized_mutual_info_score
@@ -208,6 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="k-means E-step: auto | faiss | torch")
     p.add_argument("--quick", action="store_true", help="20k x 16, k = 256, m = 1,4,16,64: seconds")
     p.add_argument("--timeout", type=float, default=7200.0)
+    p.add_argument("--resume", action="store_true", help="reuse variants measured before with the same settings")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
@@ -234,7 +250,7 @@ def main(argv=None) -> dict:
                 else synthetic_rows(path, args.n, dim, args.k))
         for world in map(int, args.worlds.split(",")):
             for m in map(int, args.ms.split(",")):
-                row, labels[(world, dim, m)] = run_variant(args, path, world, m)
+                row, labels[(world, dim, m)] = cached_variant(args, path, world, m)
                 rows.append(row)
                 print(f"d={dim} W={world} {row['variant']}: {row['wall_s']:.1f} s, "
                       f"{row['s_per_iter']:.3f} s/iteration", flush=True)
