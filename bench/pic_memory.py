@@ -52,6 +52,7 @@ def _rank_main(rank: int, world: int, port: int, rows: int, knn: int, iters: int
     import torch.distributed as dist
 
     from dist_cluster.cluster import pic
+    from dist_cluster.runtime import comm
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rng = np.random.default_rng(rank)
@@ -61,11 +62,11 @@ def _rank_main(rank: int, world: int, port: int, rows: int, knn: int, iters: int
     knn_d2 = rng.random((rows, knn)).astype(np.float32)
     directory = pic.Directory(offsets)
     peaks, seconds = {}, {}
-    dist.barrier()
+    comm.barrier()
     base, start = _reset(), time.perf_counter()
     indptr, cols, weights = pic.symmetric_graph(knn_ids, knn_d2, 0.2, offsets)
     peaks["graph"], seconds["graph"] = _status_bytes("VmHWM") - base, time.perf_counter() - start
-    dist.barrier()
+    comm.barrier()
     base, start = _reset(), time.perf_counter()
     v, req = pic.power_iterations(indptr, cols, weights, directory, total, 0.001, iters)
     labels, clusters = pic.basins(indptr, cols, weights, v, req, directory)
