@@ -87,7 +87,7 @@ class PlanInputs:
         if self.k < self.m or self.k % self.m:
             raise ValueError(f"k={self.k} must be a multiple of m={self.m}")
         if self.method == "pic" and self.m != 1:
-            raise ValueError(f"m={self.m} with --method pic: PIC is flat (m = 1)")
+            raise ValueError(f"m={self.m} with --method pic: PIC is flat, pass --m 1")
         if self.images < self.gpus * self.batch:
             raise ValueError(f"{self.images} images cannot give every one of {self.gpus} ranks a batch of {self.batch}")
         self.nodes = self.nodes or math.ceil(self.gpus / 8)
@@ -395,8 +395,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     names = {f.name for f in PlanInputs.__dataclass_fields__.values()}
     values = {k: v for k, v in vars(args).items() if k in names - {"sobel", "all_rotations", "bf16"}}
-    inputs = PlanInputs(**values, sobel=not args.no_sobel, all_rotations=args.all_rotations, bf16=not args.fp32,
-                        device=args.bench_device)
+    try:
+        inputs = PlanInputs(**values, sobel=not args.no_sobel, all_rotations=args.all_rotations, bf16=not args.fp32,
+                            device=args.bench_device)
+    except ValueError as err:  # a shape that cannot work: say which, not a traceback
+        raise SystemExit(f"dist_cluster.plan: {err}") from None
     cost = arch_cost(inputs.arch, inputs.image_size, inputs.sobel, inputs.feature_dim)
     rates = default_rates(cost, math.ceil(inputs.gpus / inputs.nodes), inputs.workers)
     rates, bench_notes = measured_rates(rates, args.bench, inputs.workers, inputs.image_size, args.bench_device)
