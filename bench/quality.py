@@ -274,7 +274,7 @@ def verdict(summary: list[dict]) -> list[str]:
                 lines.append(f"{epochs} epochs, {key}: DeeperCluster closes {gap:.0%} of the random-to-supervised "
                              f"gap ({'>=' if gap >= 0.6 else '<'} 60%)")
         floors = [by[(m, 0)] for m in ("random", "raw pixels") if (m, 0) in by]
-        for key in VERDICT_KEYS:
+        for key in VERDICT_KEYS if floors else ():  # a sweep without random init or raw pixels: no floor
             below = [f["method"] for f in floors if key in f and ours[key]["mean"] <= f[key]["mean"]]
             lines.append(f"{epochs} epochs, {key}: DeeperCluster " + (f"NOT above {', '.join(below)}" if below else
                          f"above {' and '.join(f['method'] for f in floors)}"))

@@ -147,6 +147,8 @@ def test_quality_bench_summary_and_verdict():
     assert "10 epochs, nmi: DeeperCluster above random and raw pixels" in lines
     lower = [dict(r, nmi=0.9) if r["method"] == "raw pixels" else r for r in rows]
     assert "10 epochs, nmi: DeeperCluster NOT above raw pixels" in quality.verdict(quality.summarize(lower))
+    alone = [r for r in rows if r["method"] == "deepercluster"]  # a sweep of one method: no floor to be above
+    assert not any("above" in l for l in quality.verdict(quality.summarize(alone)))
     one_seed = [r for r in rows if r["seed"] == 0]
     assert all("no verdict" in l for l in quality.verdict(quality.summarize(one_seed)) if " - " in l)
     # a 5-class evaluation (--transfer) lands in the same columns, every feature preparation kept
