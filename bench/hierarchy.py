@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from bench.kmeans import make_rows  # noqa: E402
 from bench.ranks import run_ranks  # noqa: E402
+from bench.record import write_record  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "hierarchy.json"
 CACHE = ROOT / "bench" / "runs" / "hierarchy"
@@ -234,11 +233,6 @@ def parse_args(argv=None):
     return args
 
 
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -256,13 +250,7 @@ def main(argv=None) -> dict:
                       f"{row['s_per_iter']:.3f} s/iteration", flush=True)
     compare(rows, labels)
     print_table(rows)
-    doc = {"rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "commit": _commit(),
-           "cpus": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
-           "settings": {k: v for k, v in vars(args).items() if k != "out"}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out}")
-    return doc
+    return write_record(args.out, {"rows": rows, "settings": {k: v for k, v in vars(args).items() if k != "out"}})
 
 
 if __name__ == "__main__":

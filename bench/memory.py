@@ -39,11 +39,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's packages are 
     sys.path.insert(0, str(ROOT))
 
 from bench.ranks import run_ranks  # noqa: E402
+from bench.record import write_record  # noqa: E402
 
 STAGES = ("extract", "pca", "level1", "route", "level2", "return")
 RESULTS = ROOT / "bench" / "results" / "memory.json"
@@ -333,14 +331,6 @@ def parse_args(argv=None):
     return args
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.glibc_default:  # inherited by the spawned ranks (glibc reads it at start)
@@ -353,19 +343,14 @@ def main(argv=None) -> dict:
                 last = rows[-1]
                 print(f"W={world} dim={dim} rows={n}: {last['seconds']:.1f} s", flush=True)
     lin = linearity(rows)
-    doc = {"rows": rows, "linearity": lin, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
-           "commit": _commit(), "load_average": os.getloadavg(),
-           "device": args.device, "cpus": os.cpu_count(), "torch": torch.__version__, "dry_run": args.dry_run,
+    doc = {"rows": rows, "linearity": lin, "device": args.device, "dry_run": args.dry_run,
            "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
            "malloc_mmap_threshold": None if args.glibc_default else MMAP_THRESHOLD,
            "measures": {"ratio_max": RATIO_MAX, "increment_ratio_max": LINEAR_MAX,
                         "all_ratios_ok": all(r["ratio"] is None or r["ratio"] <= RATIO_MAX for r in rows),
                         "all_linear": all(x["ok"] for x in lin)}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
     print_table(rows, lin)
-    print(f"wrote {args.out}")
-    return doc
+    return write_record(args.out, doc)
 
 
 if __name__ == "__main__":

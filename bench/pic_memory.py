@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # inherited by the spawned ranks
 
+from bench.record import write_record  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "pic_memory.json"
 
 
@@ -117,12 +119,7 @@ def main(argv=None) -> dict:
             print(f"| {r['rows_per_rank']} | {r['knn']} | {phase} | {x['measured_bytes'] / 1e6:.0f} | "
                   f"{x['planned_bytes'] / 1e6:.0f} | {x['ratio']:.3f} | {x['bytes_per_edge']:.0f} | "
                   f"{x['seconds']:.1f} |")
-    doc = {"rows": rows, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename,
-           "cpus": os.cpu_count(), "load_average": os.getloadavg(), "settings": vars(args)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out}")
-    return doc
+    return write_record(args.out, {"rows": rows, "settings": vars(args)})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import http.server
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,7 @@ if str(ROOT) not in sys.path:
 
 from bench.memory import MMAP_THRESHOLD, Meter, _instrument  # noqa: E402
 from bench.ranks import run_ranks  # noqa: E402
+from bench.record import write_record  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 PHOTO_ID0 = 10 ** 9  # photo ids of 10 digits, as YFCC's
@@ -259,15 +259,9 @@ def main(argv=None) -> dict:
         peak = "-" if s["measured_peak_bytes"] is None else f"{s['measured_peak_bytes'] / 2**20:.0f}"
         ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}"
         print(f"| {s['stage']} | {peak} | {s['planned_peak_bytes'] / 2**20:.0f} | {ratio} |")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), host=platform.node(), cpus=os.cpu_count(),
-                  commit=commit, load_average=os.getloadavg())
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {args.out}")
-    return result
+    return write_record(args.out, result)
 
 
 if __name__ == "__main__":

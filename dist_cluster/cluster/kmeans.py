@@ -314,6 +314,16 @@ def _update_centroids(centroids: torch.Tensor, sums: torch.Tensor, counts: torch
     centroids.copy_(sums)
 
 
+def m_step(centroids: torch.Tensor, message: torch.Tensor, k: int, seed: int, iteration: int) -> tuple[float, int]:
+    """The M-step from the reduced message [sums (k x d), counts (k), objective]: centroids updated in
+    place, empty clusters re-split the same way on every rank; returns (objective, clusters re-split)."""
+    d = centroids.shape[1]
+    sums, counts, objective = message[:k * d].view(k, d), message[k * d:k * d + k], float(message[k * d + k].item())
+    counts_np = counts.cpu().numpy().astype(np.int64)
+    _update_centroids(centroids, sums, counts)
+    return objective, split_empty_clusters(centroids, counts_np, np.random.default_rng([seed, 13, iteration]))
+
+
 def _global_count(x_local, group) -> int:
     return int(comm.all_reduce(torch.tensor([num_rows(x_local)], dtype=torch.int64), group).item())
 
@@ -362,10 +372,8 @@ def kmeans(x_local, k: int, niter: int, seed: int, device: torch.device, backend
             buf = buf[:-1]
         else:
             poll.now()
-        sums, counts, obj = buf[: k * d].view(k, d), buf[k * d: k * d + k], float(buf[-1].item())
-        counts_np = counts.cpu().numpy().astype(np.int64)
-        _update_centroids(centroids, sums, counts)
-        empty_resplit += split_empty_clusters(centroids, counts_np, np.random.default_rng([seed, 13, it]))
+        obj, resplit = m_step(centroids, buf, k, seed, it)
+        empty_resplit += resplit
         objective.append(obj)
         seconds.append(time.perf_counter() - start)
         if log is not None:

@@ -22,11 +22,10 @@ import math
 import time
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
-from dist_cluster.cluster.kmeans import (TORCH_BLOCK_ELEMENTS, KMeansResult, _global_count, _update_centroids,
-                                         chunk_rows_for, initial_centroids, message_elements, split_empty_clusters)
+from dist_cluster.cluster.kmeans import (TORCH_BLOCK_ELEMENTS, KMeansResult, _global_count, chunk_rows_for,
+                                         initial_centroids, m_step, message_elements)
 from dist_cluster.cluster.rows import num_rows, row_chunks
 from dist_cluster.runtime import comm
 from dist_cluster.runtime.preemption import NO_POLL
@@ -138,10 +137,8 @@ def sinkhorn_kmeans(x_local, k: int, niter: int, seed: int, device: torch.device
         message = comm.all_reduce(_assign_pass(x_local, centroids, log_b, epsilon, device, chunk_rows, True)[1],
                                   group)
         poll.now()
-        sums, counts, obj = message[:k * d].view(k, d), message[k * d:k * d + k], float(message[k * d + k].item())
-        counts_np = counts.cpu().numpy().astype(np.int64)
-        _update_centroids(centroids, sums, counts)
-        empty_resplit += split_empty_clusters(centroids, counts_np, np.random.default_rng([seed, 13, it]))
+        obj, resplit = m_step(centroids, message, k, seed, it)
+        empty_resplit += resplit
         objective.append(obj)
         seconds.append(time.perf_counter() - start)
         if log is not None:
