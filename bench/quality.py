@@ -92,7 +92,12 @@ def evaluate(run_dir: Path, args, log: Path, checkpoint: Path | None = None, nam
            str(run_dir), "--train", args.train, "--test", args.test, "--max-train", str(args.max_train),
            "--layer-dims", str(args.layer_dims), "--no-report", "--feature-prep", ",".join(PREPS)]
     if checkpoint is not None:
-        cmd += ["--checkpoint", str(checkpoint), "--name", name]
+        cmd += ["--checkpoint", str(checkpoint)]
+    # eval.py writes eval.json only for the run's own data and names other sets from their manifests
+    # (--transfer evaluates on classes the run never saw): name the file so it is the one read back
+    name = name or ("transfer" if args.transfer else None)
+    if name:
+        cmd += ["--name", name]
     seconds = run(cmd, log)
     result = json.loads((run_dir / (f"eval-{name}.json" if name else "eval.json")).read_text())
     return result, seconds, cmd

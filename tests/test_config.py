@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,3 +163,28 @@ def test_quality_bench_summary_and_verdict():
     plan = quality.plan(SimpleNamespace(methods="random,rotnet,deepercluster,supervised", seeds=[0, 1]))
     assert plan == [("random", 0), ("rotnet", 0), ("deepercluster", 0), ("supervised", 0),
                     ("rotnet", 1), ("deepercluster", 1)]
+
+
+def test_quality_bench_reads_back_the_file_eval_writes(tmp_path, monkeypatch):
+    """--transfer evaluates on data the run never saw, which eval.py writes as eval-<name>.json, not
+    eval.json: the bench must name it and read that file (a 10-epoch transfer sweep died on this)."""
+    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    written = []
+
+    def fake_run(cmd, log):
+        name = cmd[cmd.index("--name") + 1] if "--name" in cmd else None
+        (tmp_path / (f"eval-{name}.json" if name else "eval.json")).write_text(json.dumps({"seen": name}))
+        written.append(name)
+        return 1.0
+
+    monkeypatch.setattr(quality, "run", fake_run)
+    base = dict(nproc=2, train="t", test="v", max_train=0, layer_dims=0)
+    result, _, _ = quality.evaluate(tmp_path, SimpleNamespace(**base, transfer="0,2,4,6,8"), tmp_path / "log")
+    assert result == {"seen": "transfer"}
+    result, _, _ = quality.evaluate(tmp_path, SimpleNamespace(**base, transfer=""), tmp_path / "log")
+    assert result == {"seen": None}
+    result, _, _ = quality.evaluate(tmp_path, SimpleNamespace(**base, transfer=""), tmp_path / "log",
+                                    tmp_path / "round_1.pt", "e2")
+    assert result == {"seen": "e2"} and written == ["transfer", None, "e2"]
