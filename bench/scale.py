@@ -2,7 +2,7 @@
 
     python bench/scale.py                    # 1M images, k = 20480, m = 4, 2 ranks (hours on 2 cores: the
                                              # build's fetch + decode dominates, docs/scale.md)
-    python bench/scale.py --n 20000 --k 2048 --keep   # the rehearsal docs/scale.md reports
+    python bench/scale.py --n 20000 --k 400 --m 4     # the rehearsal docs/scale.md reports
     python bench/scale.py --quick            # 1000 images, k = 64: about a minute (the tests run it)
 
 1. SERVE   a ThreadingHTTPServer on 127.0.0.1 (nothing leaves the loopback address) answers
