@@ -76,6 +76,10 @@ class ClusterConfig:
     pic_sigma: float = 0.2  # Gaussian kernel bandwidth on squared distances of L2-normalised rows
     pic_alpha: float = 0.001  # weight of the walk against the uniform restart
     pic_iters: int = 200  # power iterations (stopped early, before v flattens)
+    # 0: exact k-NN search (N^2 d); else an inverted file of this many cells (cluster/knn_ivf.py;
+    # about 4 sqrt(N): the paper's 96M images -> 40000) searched in pic_nprobe of them per row
+    pic_nlist: int = 0
+    pic_nprobe: int = 16
 
 
 @dataclass
@@ -209,6 +213,9 @@ def validate(cfg: DictConfig) -> None:
     _check(c.pic_knn >= 1 and c.pic_sigma > 0 and 0 < c.pic_alpha <= 1 and c.pic_iters >= 1, "cluster.pic_knn",
            f"pic_knn >= 1, pic_sigma > 0, 0 < pic_alpha <= 1, pic_iters >= 1; got {c.pic_knn}, {c.pic_sigma}, "
            f"{c.pic_alpha}, {c.pic_iters}")
+    _check(c.pic_nlist >= 0, "cluster.pic_nlist", f"IVF cells, or 0 for the exact k-NN search; got {c.pic_nlist}")
+    _check(c.pic_nlist == 0 or 1 <= c.pic_nprobe <= c.pic_nlist, "cluster.pic_nprobe",
+           f"1 <= pic_nprobe <= pic_nlist (the cells a row searches), got {c.pic_nprobe} of {c.pic_nlist}")
     _check(c.sinkhorn_epsilon > 0 and c.sinkhorn_iters >= 1, "cluster.sinkhorn_epsilon",
            f"epsilon > 0 and sinkhorn_iters >= 1, got {c.sinkhorn_epsilon}, {c.sinkhorn_iters}")
     _check(t.rotations in (1, 4), "train.rotations", "must be 1 or 4")
@@ -288,6 +295,8 @@ def validate_against_data(cfg: DictConfig) -> None:
                f"k={cfg.cluster.k} clusters for the {manifest.num_samples} images of {cfg.data.train}{capped}")
         _check(cfg.cluster.method != "pic" or cfg.cluster.pic_knn < manifest.num_samples, "cluster.pic_knn",
                f"{cfg.cluster.pic_knn} neighbours for the {manifest.num_samples} images of {cfg.data.train}{capped}")
+        _check(cfg.cluster.method != "pic" or cfg.cluster.pic_nlist <= manifest.num_samples, "cluster.pic_nlist",
+               f"{cfg.cluster.pic_nlist} IVF cells for the {manifest.num_samples} images of {cfg.data.train}{capped}")
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path) -> Path:

@@ -28,10 +28,17 @@ def _key(key: str) -> str:
     "train.log_every_steps=0", "train.epochs=0", "train.epochs=-1", "train.ckpt_every_steps=-1", "train.lr=0",
     "train.momentum=1.0", "train.momentum=-0.1", "train.weight_decay=-1e-5", "train.warmup_epochs=-1",
     "dist.timeout_s=0", "dist.timeout_s=-10", "cluster.niter=0", "cluster.memmap_gb=-1", "data.max_samples=-1",
-    "data.shuffle_buffer=-1", "data.min_scale=0", "data.min_scale=1.5", "model.feature_dim=0"])
+    "data.shuffle_buffer=-1", "data.min_scale=0", "data.min_scale=1.5", "model.feature_dim=0",
+    "cluster.pic_nlist=-1"])
 def test_bad_values_name_their_key(override):
     with pytest.raises(ConfigError, match=_key(override.split("=")[0])):
         load_config(SMOKE, [override])
+
+
+def test_pic_probes_more_cells_than_the_index_has_is_refused():
+    with pytest.raises(ConfigError, match=_key("cluster.pic_nprobe") + ".*17 of 16"):
+        load_config(SMOKE, ["cluster.method=pic", "cluster.m=1", "cluster.pic_nlist=16", "cluster.pic_nprobe=17"])
+    assert load_config(SMOKE, ["cluster.pic_nlist=16", "cluster.pic_nprobe=16"]).cluster.pic_nprobe == 16
 
 
 def test_boundary_values_are_accepted():

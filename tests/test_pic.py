@@ -100,15 +100,17 @@ def test_knn_larger_than_the_data_is_refused():
         pic(torch.randn(5, 3), knn=5)
 
 
-def _pic_run(rank, world, tmp_path):
+def _pic_run(rank, world, tmp_path, nlist=0, shards=None):
     from omegaconf import OmegaConf
 
     from dist_cluster.run.rounds import Run
     from tests.shard_fixtures import make_shards
     from tests.test_rounds import small_run_config
-    cfg = small_run_config("deepercluster", tmp_path / "run", make_shards(tmp_path / "shards", 2, 96, size=28).root, 2)
+    shards = shards or make_shards(tmp_path / "shards", 2, 96, size=28).root
+    cfg = small_run_config("deepercluster", tmp_path / "run", shards, 2)
     OmegaConf.set_readonly(cfg, False)
     cfg.cluster.method, cfg.cluster.m, cfg.cluster.pic_knn, cfg.cluster.pic_iters = "pic", 1, 5, 20
+    cfg.cluster.pic_nlist, cfg.cluster.pic_nprobe = nlist, 2
     seen = []
 
     class Recording(Run):
@@ -123,6 +125,15 @@ def test_a_smoke_run_trains_on_pic_clusters(tmp_path):
     """cluster.method=pic through two rounds of a 1-rank run: the heads take the graph's k."""
     seen = run_ranks(_pic_run, 1, args=(tmp_path,))[0]
     assert [r for r, _, _ in seen] == [0, 1] and all(k == sub and k > 1 for _, k, sub in seen), seen
+
+
+def test_a_two_rank_run_trains_on_pic_clusters_from_the_ivf_graph(tmp_path):
+    """cluster.pic_nlist > 0: the graph from the inverted file (cluster/knn_ivf.py), 8 cells, 2 probed."""
+    from tests.shard_fixtures import make_shards
+    shards = make_shards(tmp_path / "shards", 2, 96, size=28).root  # made once, before the ranks start
+    seen = run_ranks(_pic_run, 2, args=(tmp_path, 8, shards))
+    assert seen[0] == seen[1] and [r for r, _, _ in seen[0]] == [0, 1]
+    assert all(k == sub and k > 1 for _, k, sub in seen[0]), seen
 
 
 def test_pic_memory_bench_quick(tmp_path):

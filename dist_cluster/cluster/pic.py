@@ -6,7 +6,8 @@
 The method (Lin & Cohen, ICML 2010, in the simplified form Douze et al. 2018, "Evaluation of
 several clustering algorithms on a large scale image set", found best with k-means on YFCC100M, and
 DeepCluster used): on the PCA-whitened, L2-normalised rows,
-  GRAPH    each row's `knn` nearest other rows (squared Euclidean distance d), an edge weight
+  GRAPH    each row's `knn` nearest other rows (squared Euclidean distance d; exact, or approximate
+           through an inverted file with cluster.pic_nlist > 0: cluster/knn_ivf.py), an edge weight
            exp(-d / sigma^2), made symmetric: W = A + A^T (an edge found both ways counts twice);
   POWER    v = 1/N, then `iters` times v <- alpha W v + (1 - alpha) / N, v <- v / sum(v) (the
            iterations stop early, before v becomes flat: PIC's own stopping);
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dist_cluster.cluster.knn_ivf import fold_nearest, ivf_knn_search, ivf_memory, nearest_in_block
 from dist_cluster.cluster.rows import num_rows, row_chunks, take_rows
 from dist_cluster.runtime import comm
 
@@ -47,6 +49,7 @@ class PICResult:
     singletons_moved: int
     seconds: dict = field(default_factory=dict)
     knn_ids: np.ndarray = None  # [n_local, knn] global ids of each row's neighbours, nearest first
+    search_info: dict = field(default_factory=dict)  # the IVF search's quantizer and cells (knn_ivf.py)
 
 
 # Host bytes per out-edge (rows x knn) at the peak of symmetric_graph (its sorts and the reverse edges),
@@ -57,7 +60,8 @@ POWER_BYTES_PER_EDGE = 100
 
 
 def pic_memory(n: int, knn: int, d: int, rows_max: int, device_type: str,
-               block_bytes: int = BLOCK_BYTES) -> dict[str, dict]:
+               block_bytes: int = BLOCK_BYTES, nlist: int = 0, nprobe: int = 16,
+               backend: str = "faiss") -> dict[str, dict]:
     """PIC's memory per rank beyond the rows, {phase: {what: (place, bytes)}} for plan/memory.py:
     'search' (the ring pieces and the distance blocks of knn_search), 'graph' (symmetric_graph),
     'power' (power iterations, basins, singletons) and 'kept' (the k-NN lists and the graph, alive
@@ -71,6 +75,9 @@ def pic_memory(n: int, knn: int, d: int, rows_max: int, device_type: str,
               # the float64 distances, the temporaries of their expression and topk's, two boolean
               # masks (own rows, ties): 4 x 8 + 2 bytes per element, measured by bench/memory.py
               "distance blocks": ("device", chunk * piece * (4 * 8 + 2))}
+    if nlist:  # the IVF search: its quantizer, probes, cells and queries in flight instead of the ring
+        search = {"k-NN lists (float64 distances, ids)": search["k-NN lists (float64 distances, ids)"],
+                  **ivf_memory(n, d, knn, nlist, nprobe, device_type, backend, block_bytes)}
     lists = {"k-NN lists": ("host", 12 * edges)}
     return {"search": search,
             "graph": {**lists, "graph build (sorts, reverse edges)": ("host", GRAPH_BYTES_PER_EDGE * edges)},
@@ -147,27 +154,8 @@ def _merge_nearest(x_local, first_id: int, piece: torch.Tensor, piece_ids: torch
         dist = ((q ** 2).sum(1, keepdim=True) + norms[None] - 2 * q @ piece64.T).clamp_min(0)
         own = torch.arange(first_id + start, first_id + start + len(q), device=dist.device)
         dist[own[:, None] == piece_ids.to(dist.device)[None]] = math.inf  # a row is not its own neighbour
-        near_d, near_at = _nearest_in_piece(dist, take)
-        rows = slice(start, start + len(q))
-        cand_d = torch.cat([best_d[rows], near_d.cpu()], 1)
-        cand_i = torch.cat([best_i[rows], piece_ids.cpu()[near_at.cpu()]], 1)
-        order = torch.argsort(cand_i, dim=1, stable=True)  # ties go to the smaller id
-        cand_d, cand_i = cand_d.gather(1, order), cand_i.gather(1, order)
-        keep = torch.argsort(cand_d, dim=1, stable=True)[:, :knn]
-        best_d[rows], best_i[rows] = cand_d.gather(1, keep), cand_i.gather(1, keep)
-
-
-def _nearest_in_piece(dist: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([q, take] distances, [q, take] columns) of each row's `take` smallest, in no order, ties to
-    the smaller column: topk (linear in the piece), and a stable sort for the rare rows whose largest
-    kept value is shared by a column topk left out."""
-    near_d, near_at = torch.topk(dist, take, dim=1, largest=False)
-    tied = (dist <= near_d.max(1, keepdim=True).values).sum(1) > take
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        order = torch.argsort(dist[rows], dim=1, stable=True)[:, :take]
-        near_d[rows], near_at[rows] = dist[rows].gather(1, order), order
-    return near_d, near_at
+        near_d, near_at = nearest_in_block(dist, take)
+        fold_nearest(best_d, best_i, slice(start, start + len(q)), near_d.cpu(), piece_ids.cpu()[near_at.cpu()])
 
 
 def symmetric_graph(knn_ids: np.ndarray, knn_d2: np.ndarray, sigma: float, offsets: np.ndarray,
@@ -263,8 +251,10 @@ def move_singletons(labels: np.ndarray, num_clusters: int, knn_ids: np.ndarray,
 
 def pic(x_local, knn: int = 10, sigma: float = 0.2, alpha: float = 0.001, iters: int = 200,
         device: torch.device = torch.device("cpu"), group=None, move_single: bool = True,
-        block_bytes: int = BLOCK_BYTES) -> PICResult:
-    """The module doc's PIC over every rank's rows. Collective over `group`."""
+        block_bytes: int = BLOCK_BYTES, nlist: int = 0, nprobe: int = 16, seed: int = 0,
+        backend: str = "auto") -> PICResult:
+    """The module doc's PIC over every rank's rows. Collective over `group`. nlist > 0 builds the
+    graph from the approximate search (cluster/knn_ivf.py: nlist cells, nprobe probed), else exact."""
     seconds = {}
     offsets = row_offsets(num_rows(x_local), group)
     n_total = int(offsets[-1])
@@ -272,7 +262,12 @@ def pic(x_local, knn: int = 10, sigma: float = 0.2, alpha: float = 0.001, iters:
         raise ValueError(f"PIC's k-NN graph needs 1 <= knn < the {n_total} rows, got knn={knn}")
     directory = Directory(offsets, group)
     start = time.perf_counter()
-    knn_ids, knn_d2 = knn_search(x_local, knn, offsets, device, group, block_bytes)
+    if nlist:
+        knn_ids, knn_d2, search_info = ivf_knn_search(x_local, knn, offsets, device, nlist, nprobe, seed,
+                                                         backend, group, block_bytes)
+    else:
+        knn_ids, knn_d2 = knn_search(x_local, knn, offsets, device, group, block_bytes)
+        search_info = {"share_of_exact": 1.0}
     indptr, cols, weights = symmetric_graph(knn_ids, knn_d2, sigma, offsets, group)
     seconds["graph"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -285,4 +280,4 @@ def pic(x_local, knn: int = 10, sigma: float = 0.2, alpha: float = 0.001, iters:
     else:
         sizes = comm.all_reduce(torch.from_numpy(np.bincount(labels, minlength=num_clusters)), group).numpy()
     return PICResult(torch.from_numpy(labels), num_clusters, torch.from_numpy(np.asarray(sizes, np.int64)),
-                     moved, seconds, knn_ids)
+                     moved, seconds, knn_ids, search_info)

@@ -157,7 +157,7 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
                      objective=objective, seconds=seconds)
     try:
         if c.method == "pic":
-            return pca, _pic_round(x, c, device, logger, round_idx)
+            return pca, _pic_round(x, c, device, logger, round_idx, seed)
         res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, device, c.backend, log=log_iteration,
                                   init_samples_per_rank=c.init_samples_per_rank, poll=poll,
                                   route_chunk_bytes=c.route_chunk_mb << 20, method=c.method,
@@ -167,12 +167,13 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
     return pca, res
 
 
-def _pic_round(x, c, device: torch.device, logger, round_idx: int) -> HierResult:
+def _pic_round(x, c, device: torch.device, logger, round_idx: int, seed: int) -> HierResult:
     """cluster.method=pic over the whitened rows, as the hierarchy's result of one super-cluster (the
     summary's seconds_level1: the k-NN graph, seconds_level2: power iterations and basins)."""
-    res = pic(x, c.pic_knn, c.pic_sigma, c.pic_alpha, c.pic_iters, device, block_bytes=c.route_chunk_mb << 20)
+    res = pic(x, c.pic_knn, c.pic_sigma, c.pic_alpha, c.pic_iters, device, block_bytes=c.route_chunk_mb << 20,
+              nlist=c.pic_nlist, nprobe=c.pic_nprobe, seed=seed, backend=c.backend)
     logger.event("pic", round=round_idx, clusters=res.num_clusters, singletons_moved=res.singletons_moved,
-                 seconds=res.seconds)
+                 seconds=res.seconds, search=res.search_info)
     world, n = comm.group_size(), int(res.sizes.sum())
     return HierResult(super_local=torch.zeros_like(res.labels_local), sub_local=res.labels_local,
                       centroids_super=torch.zeros(1, int(x.shape[1])), centroids_sub={},

@@ -66,6 +66,8 @@ class MemoryInputs:
     extract_device: float = 0.0  # the trunk's forward pass during EXTRACT (plan/planner.py)
     method: str = "kmeans"  # cluster.method: kmeans | sinkhorn (its scores and scalings, cluster/sinkhorn.py) | pic
     pic_knn: int = 10  # cluster.pic_knn: PIC's edges per row
+    pic_nlist: int = 0  # cluster.pic_nlist: IVF cells (0: the exact search)
+    pic_nprobe: int = 16  # cluster.pic_nprobe
 
 
 @dataclass
@@ -188,7 +190,8 @@ def _pic_stages(mi: MemoryInputs, kept: dict) -> dict[str, StageMemory]:
     """cluster.method=pic (cluster/pic.py): level1 is the k-NN graph, level2 the power iterations;
     nothing is routed."""
     n, D, d = mi.rows, mi.feature_dim, min(mi.pca_dim, mi.feature_dim)
-    phases = pic_memory(n, mi.pic_knn, d, n, mi.device, mi.route_chunk_bytes)
+    phases = pic_memory(n, mi.pic_knn, d, n, mi.device, mi.route_chunk_bytes, mi.pic_nlist, mi.pic_nprobe,
+                        mi.backend)
     graph = _merge(kept, phases["kept"])
     labels = {"labels": ("host", result_bytes(n, 1, d))}
     files = {"files written": ("host", save_buffer_bytes(n, mi.key_chars, D, d))}

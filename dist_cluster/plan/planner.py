@@ -79,6 +79,8 @@ class PlanInputs:
     sinkhorn_iters: int = 3  # cluster.sinkhorn_iters: one more pass over the rows each, per iteration
     pic_knn: int = 10  # cluster.pic_knn
     pic_iters: int = 200  # cluster.pic_iters
+    pic_nlist: int = 0  # cluster.pic_nlist: IVF cells (0: exact k-NN search)
+    pic_nprobe: int = 16  # cluster.pic_nprobe
 
     def __post_init__(self):
         self.images, self.gpus = int(self.images), int(self.gpus)
@@ -88,6 +90,9 @@ class PlanInputs:
             raise ValueError(f"k={self.k} must be a multiple of m={self.m}")
         if self.method == "pic" and self.m != 1:
             raise ValueError(f"m={self.m} with --method pic: PIC is flat, pass --m 1")
+        if self.pic_nlist and not (1 <= self.pic_nprobe <= self.pic_nlist <= self.images):
+            raise ValueError(f"--pic-nprobe {self.pic_nprobe} and --pic-nlist {self.pic_nlist}: need "
+                             f"1 <= nprobe <= nlist <= images")
         if self.images < self.gpus * self.batch:
             raise ValueError(f"{self.images} images cannot give every one of {self.gpus} ranks a batch of {self.batch}")
         self.nodes = self.nodes or math.ceil(self.gpus / 8)
@@ -159,7 +164,8 @@ def resident_training_bytes(p: PlanInputs, s: Shape) -> float:
 def memory_inputs(p: PlanInputs, s: Shape) -> MemoryInputs:
     return MemoryInputs(rows=s.n, world=p.gpus, feature_dim=p.feature_dim, pca_dim=s.d, k=p.k, m=p.m,
                         device=p.device, backend=p.kmeans_backend, memmap_gb=p.memmap_gb, method=p.method,
-                        pic_knn=p.pic_knn, route_chunk_bytes=p.route_chunk_mb << 20, key_chars=p.key_chars,
+                        pic_knn=p.pic_knn, pic_nlist=p.pic_nlist, pic_nprobe=p.pic_nprobe,
+                        route_chunk_bytes=p.route_chunk_mb << 20, key_chars=p.key_chars,
                         resident_device=resident_training_bytes(p, s) if p.device == "cuda" else 0.0,
                         extract_device=p.batch * s.cost.max_act * s.act_bytes * 2)
 
@@ -212,8 +218,11 @@ def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
 def pic_rows(p: PlanInputs, s: Shape, r: Rates, mem: dict, bw: float) -> list[StageRow]:
     """level1, route, level2 of cluster.method=pic: the k-NN graph, nothing routed, the power iterations."""
     (g_net, g_s), (p_net, p_s) = pic_costs(p, r, s.n, s.d, bw)
-    level1 = _row("level1", mem, [f"brute-force {p.pic_knn}-NN graph of {p.images} rows, every rank's rows "
-                                  f"passed round the ring once"], net_bytes_round=g_net, seconds_round=g_s)
+    search = (f"IVF {p.pic_knn}-NN graph ({p.pic_nlist} cells, {p.pic_nprobe} probed)" if p.pic_nlist
+              else f"brute-force {p.pic_knn}-NN graph")
+    moved = ("every row to its cell's rank, then to the ranks of its probed cells" if p.pic_nlist
+             else "every rank's rows passed round the ring once")
+    level1 = _row("level1", mem, [f"{search} of {p.images} rows, {moved}"], net_bytes_round=g_net, seconds_round=g_s)
     route = StageRow("route", gpu_bytes=mem["route"].device, ram_bytes=mem["route"].host,
                      disk_bytes=mem["route"].disk, notes=["nothing routed: PIC is flat"])
     level2 = _row("level2", mem, [f"{p.pic_iters} power iterations (numpy, host), basins"],
@@ -299,6 +308,7 @@ def predicted_smoke(cfg, world: int, num_samples: int) -> dict:
                         batch=d_cfg.batch_size, epochs=t.epochs, reassign=t.reassign, arch=m_cfg.arch,
                         sobel=bool(m_cfg.sobel), niter=c.niter, all_rotations=bool(t.all_rotations),
                         method=c.method, sinkhorn_iters=c.sinkhorn_iters, pic_knn=c.pic_knn, pic_iters=c.pic_iters,
+                        pic_nlist=c.pic_nlist, pic_nprobe=c.pic_nprobe,
                         memmap_gb=c.memmap_gb, workers=d_cfg.num_workers, bf16=False)
     rows = {r.stage: r for r in plan(inputs)}
     s = Shape.of(inputs, cost)
@@ -381,7 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "measurements made on another device are not used")
     parser.add_argument("--kmeans-backend", default="faiss", choices=("faiss", "torch"))
     parser.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn", "pic"))
-    for name in ("sinkhorn_iters", "pic_knn", "pic_iters"):
+    for name in ("sinkhorn_iters", "pic_knn", "pic_iters", "pic_nlist", "pic_nprobe"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=fields[name].default)
     parser.add_argument("--train-img-s", type=float, help="override: training rows/s per GPU")
     parser.add_argument("--loader-img-s", type=float, help="override: loader img/s per rank")
