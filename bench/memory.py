@@ -5,6 +5,8 @@
     python bench/memory.py --dry-run               # the planned figures only, same JSON schema
     python bench/memory.py --device cuda --worlds 1 --backend torch   # peak CUDA memory (not run yet)
     python bench/memory.py --quick --method sinkhorn                  # the balanced assignment's buffers
+    python bench/memory.py --worlds 2 --dims 64 --rows 20000,40000,80000 --k 16 --m 1 --method pic \
+        --pic-nlist 512 --warmup-rows 4096 --out bench/results/memory-pic-ivf.json   # PIC, IVF graph
 
 Each rank runs what a round runs (rounds.py): extract.extract_features over a synthetic loader (an
 identity trunk: the batches are the features; feature dim = PCA dim, as in the paper), then
@@ -186,7 +188,8 @@ def _cluster_cfg(args, memmap_dir: str):
     return OmegaConf.structured(ClusterConfig(k=args.k, m=args.m, pca_dim=args.dim, niter=args.niter,
                                               backend=args.backend, memmap_gb=args.memmap_gb,
                                               memmap_dir=memmap_dir, route_chunk_mb=args.route_chunk_mb,
-                                              init_samples_per_rank=args.init_samples, method=args.method))
+                                              init_samples_per_rank=args.init_samples, method=args.method,
+                                              pic_nlist=args.pic_nlist, pic_nprobe=args.pic_nprobe))
 
 
 def _one_round(rows: int, rank: int, device: torch.device, cfg, run_dir: str, meter=None):
@@ -234,7 +237,7 @@ def planned(args, rows: int, world: int, dim: int, backend: str) -> dict:
     """plan.memory.stage_memory for this run's inputs: host bytes on CPU, device bytes on CUDA."""
     from dist_cluster.plan.memory import MemoryInputs, stage_memory
     stages = stage_memory(MemoryInputs(rows=rows, world=world, feature_dim=dim, pca_dim=dim, k=args.k, m=args.m,
-                                       method=args.method,
+                                       method=args.method, pic_nlist=args.pic_nlist, pic_nprobe=args.pic_nprobe,
                                        device=args.device, backend=backend, memmap_gb=args.memmap_gb,
                                        route_chunk_bytes=args.route_chunk_mb << 20, key_chars=KEY_CHARS))
     place = "device" if args.device == "cuda" else "host"
@@ -313,6 +316,8 @@ def parse_args(argv=None):
     p.add_argument("--niter", type=int, default=2)
     p.add_argument("--backend", default="auto", help="k-means E-step: auto | faiss | torch")
     p.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn", "pic"), help="cluster.method")
+    p.add_argument("--pic-nlist", type=int, default=0, help="cluster.pic_nlist: PIC's IVF cells (0: exact search)")
+    p.add_argument("--pic-nprobe", type=int, default=16, help="cluster.pic_nprobe")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--memmap-gb", type=float, default=16.0)
     p.add_argument("--route-chunk-mb", type=int, default=4,
