@@ -18,10 +18,10 @@ from dist_cluster.config import load_config
 from dist_cluster.models import VGG16BN, ResNet50, SmallVGG
 from dist_cluster.plan.costs import Rate, Rates, arch_cost, default_rates, measured_rates
 from dist_cluster.plan.memory import MemoryInputs, stage_memory
+from dist_cluster.plan.cli import main
 from dist_cluster.plan.planner import (
     PlanInputs,
     Shape,
-    main,
     memory_inputs,
     plan,
     predicted_smoke,
