@@ -149,3 +149,22 @@ def test_pic_knn_bench_quick(tmp_path):
     assert exact["recall_at_10"] == 1.0 and exact["nmi_vs_exact_partition"] == 1.0
     assert ivf["share_of_exact"] < 0.1 and 0.5 < ivf["recall_at_10"] < 1.0
     assert ivf["clusters"] > 1 and ivf["nmi_vs_classes"] > 0.3
+
+
+def test_a_crowded_cell_is_searched_in_bounded_blocks(monkeypatch):
+    """CellStore.search splits a cell's queries so no block passes BLOCK_ELEMENTS: same answer as one block."""
+    from dist_cluster.cluster import knn_ivf
+    gen = torch.Generator().manual_seed(0)
+    rows, queries = torch.randn(200, 6, generator=gen), torch.randn(90, 6, generator=gen)
+    cells = torch.randint(0, 3, (200,), generator=gen)
+    store = knn_ivf.CellStore(rows, torch.arange(200), cells, 3, torch.device("cpu"))
+    asked = torch.randint(0, 3, (90,), generator=gen)
+    whole = store.search(queries, torch.arange(90) + 200, asked, KNN)
+    monkeypatch.setattr(knn_ivf, "BLOCK_ELEMENTS", 150)  # 1-2 queries per block
+    split = store.search(queries, torch.arange(90) + 200, asked, KNN)
+    assert torch.equal(whole[1], split[1]) and whole[2:] == split[2:]
+    torch.testing.assert_close(whole[0], split[0], rtol=1e-12, atol=1e-12)  # the block shape moves the last bit
+    d2 = ((queries[:, None].double() - rows[None].double()) ** 2).sum(-1)
+    d2[asked[:, None] != cells[None]] = math.inf
+    want = torch.argsort(d2, dim=1, stable=True)[:, :KNN]
+    assert torch.equal(torch.sort(whole[1], 1).values, torch.sort(want, 1).values)

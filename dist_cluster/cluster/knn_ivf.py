@@ -33,6 +33,7 @@ from dist_cluster.cluster.kmeans import kmeans, lloyd_memory, result_bytes
 from dist_cluster.cluster.rows import num_rows, row_chunks, take_rows
 from dist_cluster.runtime import comm
 
+BLOCK_ELEMENTS = 2 ** 22  # queries x cell rows of one float64 distance block (a crowded cell is split)
 QUANTIZER_ITERS = 10  # Lloyd iterations of the coarse quantizer (faiss trains its IVF quantizers with 10 too)
 
 
@@ -114,17 +115,19 @@ class CellStore:
         order = torch.argsort(cells, stable=True)
         present, counts = torch.unique_consecutive(cells[order], return_counts=True)
         computed = visits = 0
-        for cell, at in zip(present.tolist(), torch.split(order, counts.tolist())):
+        for cell, asking in zip(present.tolist(), torch.split(order, counts.tolist())):
             lo, hi = int(self.indptr[cell]), int(self.indptr[cell + 1])
             if hi == lo:
                 continue
-            q, p = queries[at].to(self.device).double(), self.rows[lo:hi].to(self.device).double()
-            d2 = ((q ** 2).sum(1, keepdim=True) + (p ** 2).sum(1)[None] - 2 * q @ p.T).clamp_min(0)
-            d2[query_ids[at].to(d2.device)[:, None] == self.ids[lo:hi].to(d2.device)[None]] = math.inf
-            take = min(knn, hi - lo)
-            near_d, near_at = nearest_in_block(d2, take)
-            out_d[at, :take], out_i[at, :take] = near_d.cpu(), self.ids[lo:hi][near_at.cpu()]
-            computed, visits = computed + len(at) * (hi - lo), visits + 1
+            p, ids, take = self.rows[lo:hi].to(self.device).double(), self.ids[lo:hi], min(knn, hi - lo)
+            norms = (p ** 2).sum(1)
+            for at in torch.split(asking, max(1, BLOCK_ELEMENTS // (hi - lo))):  # a crowded cell: bounded blocks
+                q = queries[at].to(self.device).double()
+                d2 = ((q ** 2).sum(1, keepdim=True) + norms[None] - 2 * q @ p.T).clamp_min(0)
+                d2[query_ids[at].to(d2.device)[:, None] == ids.to(d2.device)[None]] = math.inf
+                near_d, near_at = nearest_in_block(d2, take)
+                out_d[at, :take], out_i[at, :take] = near_d.cpu(), ids[near_at.cpu()]
+            computed, visits = computed + len(asking) * (hi - lo), visits + 1
         return out_d, out_i, computed, visits
 
 
