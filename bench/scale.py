@@ -1,8 +1,8 @@
 """A one-machine scale rehearsal: N images served over HTTP -> shards -> extraction -> one clustering.
 
-    python bench/scale.py                    # 1M images, k = 20480, m = 4, 2 ranks (hours on 2 cores: the
-                                             # build's fetch + decode dominates, docs/scale.md)
-    python bench/scale.py --n 20000 --k 400 --m 4     # the rehearsal docs/scale.md reports
+    python bench/scale.py --out bench/results/scale-1m.json   # 1M images, k = 20480, m = 4, 2 ranks:
+                                             # 21 min on 2 quiet cores (docs/scale.md)
+    python bench/scale.py --n 20000 --k 400 --m 4     # 20k images: under a minute
     python bench/scale.py --quick            # 1000 images, k = 64: about a minute (the tests run it)
 
 1. SERVE   a ThreadingHTTPServer on 127.0.0.1 (nothing leaves the loopback address) answers
@@ -67,6 +67,13 @@ def make_image(index: int, pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+class Backlogged(http.server.ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: the build's fetch threads (16 per worker) overflow it,
+    # the kernel drops their SYNs, and each retries after a 1 s timeout. That capped the rehearsal of
+    # 2026-12-06 at 119 img/s; with room for every connection the same build fetches ~420 img/s.
+    request_queue_size = 1024
+
+
 class Server:
     """Images 0..n-1 on 127.0.0.1, made on request; stops at stop() or after `max_seconds`."""
 
@@ -93,7 +100,7 @@ class Server:
             def log_message(handler, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = Backlogged(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/img"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
