@@ -63,7 +63,7 @@ def pic_memory(n: int, knn: int, d: int, rows_max: int, device_type: str,
                block_bytes: int = BLOCK_BYTES, nlist: int = 0, nprobe: int = 16,
                backend: str = "faiss") -> dict[str, dict]:
     """PIC's memory per rank beyond the rows, {phase: {what: (place, bytes)}} for plan/memory.py:
-    'search' (the ring pieces and the distance blocks of knn_search), 'graph' (symmetric_graph),
+    'search' (knn_search's ring pieces and distance blocks, or with nlist > 0 knn_ivf's items), 'graph',
     'power' (power iterations, basins, singletons) and 'kept' (the k-NN lists and the graph, alive
     from the graph to the labels). n: this rank's rows; rows_max: the fullest rank's."""
     edges = n * knn
