@@ -189,6 +189,7 @@ def _cluster_cfg(args, memmap_dir: str):
                                               backend=args.backend, memmap_gb=args.memmap_gb,
                                               memmap_dir=memmap_dir, route_chunk_mb=args.route_chunk_mb,
                                               init_samples_per_rank=args.init_samples, method=args.method,
+                                              super_method=args.super_method,
                                               pic_nlist=args.pic_nlist, pic_nprobe=args.pic_nprobe))
 
 
@@ -237,7 +238,8 @@ def planned(args, rows: int, world: int, dim: int, backend: str) -> dict:
     """plan.memory.stage_memory for this run's inputs: host bytes on CPU, device bytes on CUDA."""
     from dist_cluster.plan.memory import MemoryInputs, stage_memory
     stages = stage_memory(MemoryInputs(rows=rows, world=world, feature_dim=dim, pca_dim=dim, k=args.k, m=args.m,
-                                       method=args.method, pic_nlist=args.pic_nlist, pic_nprobe=args.pic_nprobe,
+                                       method=args.method, super_method=args.super_method,
+                                       pic_nlist=args.pic_nlist, pic_nprobe=args.pic_nprobe,
                                        device=args.device, backend=backend, memmap_gb=args.memmap_gb,
                                        route_chunk_bytes=args.route_chunk_mb << 20, key_chars=KEY_CHARS))
     place = "device" if args.device == "cuda" else "host"
@@ -316,6 +318,8 @@ def parse_args(argv=None):
     p.add_argument("--niter", type=int, default=2)
     p.add_argument("--backend", default="auto", help="k-means E-step: auto | faiss | torch")
     p.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn", "pic"), help="cluster.method")
+    p.add_argument("--super-method", default="", choices=("", "kmeans", "sinkhorn"),
+                   help="cluster.super_method: level 1's method ('' = --method)")
     p.add_argument("--pic-nlist", type=int, default=0, help="cluster.pic_nlist: PIC's IVF cells (0: exact search)")
     p.add_argument("--pic-nprobe", type=int, default=16, help="cluster.pic_nprobe")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -70,6 +70,9 @@ class ClusterConfig:
     # images (SeLa's Sinkhorn-Knopp, cluster/sinkhorn.py), at both levels of the hierarchy | pic:
     # power iteration clustering on a k-NN graph (cluster/pic.py), flat (m = 1), k from the graph
     method: str = "kmeans"
+    # level 1 (the m super-clusters) by another method: '' = method; sinkhorn gives m equal
+    # super-clusters, so every owner group gets the same level-2 work (k-means' can be lopsided)
+    super_method: str = ""
     sinkhorn_epsilon: float = 0.05  # entropy weight: the scores are cosines / epsilon
     sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations per assignment (SwAV: 3)
     pic_knn: int = 10  # neighbours per row in PIC's graph (Douze et al. 2018)
@@ -208,6 +211,10 @@ def validate(cfg: DictConfig) -> None:
     _check(c.backend in ("auto", "faiss", "torch"), "cluster.backend", "auto | faiss | torch")
     _check(c.route_chunk_mb >= 1, "cluster.route_chunk_mb", "must be >= 1")
     _check(c.method in ("kmeans", "sinkhorn", "pic"), "cluster.method", f"kmeans | sinkhorn | pic, got {c.method!r}")
+    _check(c.super_method in ("", "kmeans", "sinkhorn"), "cluster.super_method",
+           f"'' (= cluster.method) | kmeans | sinkhorn, got {c.super_method!r}")
+    _check(c.method != "pic" or not c.super_method, "cluster.super_method",
+           f"{c.super_method!r} with cluster.method=pic: PIC is flat, there is no super level")
     _check(c.method != "pic" or c.m == 1, "cluster.m",
            f"m={c.m} with cluster.method=pic: PIC finds its own number of clusters, flat (set cluster.m=1)")
     _check(c.pic_knn >= 1 and c.pic_sigma > 0 and 0 < c.pic_alpha <= 1 and c.pic_iters >= 1, "cluster.pic_knn",

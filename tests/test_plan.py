@@ -296,6 +296,25 @@ def test_sinkhorn_level_memory_and_cost_by_hand():
     assert s_s - s_k == pytest.approx(3 * compute + (net_s - net_k) / 1e9)
 
 
+def test_super_method_costs_level_1_by_its_method_and_level_2_by_the_other():
+    """cluster.super_method=sinkhorn over kmeans: the level1 row is the all-sinkhorn plan's, the
+    level2 row the all-kmeans plan's (memory, traffic and seconds); the reverse likewise."""
+    def rows(**kw):
+        return {r.stage: r for r in plan(small_inputs(**kw), round_rates())}
+    kmeans, sinkhorn = rows(method="kmeans"), rows(method="sinkhorn")
+    for super_method, method, level1, level2 in (("sinkhorn", "kmeans", sinkhorn, kmeans),
+                                                 ("kmeans", "sinkhorn", kmeans, sinkhorn)):
+        mixed = rows(method=method, super_method=super_method)
+        for stage, want in (("level1", level1), ("level2", level2)):
+            got = mixed[stage]
+            assert (got.ram_bytes, got.gpu_bytes, got.net_bytes_round, got.seconds_round) == (
+                want[stage].ram_bytes, want[stage].gpu_bytes, want[stage].net_bytes_round,
+                want[stage].seconds_round), (super_method, stage)
+    assert sinkhorn["level1"].seconds_round > kmeans["level1"].seconds_round  # the rows differ at all
+    with pytest.raises(ValueError, match="super-method"):
+        rows(method="pic", m=1, super_method="sinkhorn")
+
+
 def test_plan_rows_take_their_memory_from_stage_memory():
     p = small_inputs()
     mem = stage_memory(memory_inputs(p, _shape(p)))

@@ -135,16 +135,60 @@ def test_balanced_at_both_levels_of_the_hierarchy():
     assert np.array_equal(sub // 4, sup)  # sub ids live inside their super-cluster
 
 
+MIXED = {"sinkhorn-over-kmeans": ("sinkhorn", "kmeans"), "kmeans-over-sinkhorn": ("kmeans", "sinkhorn")}
+
+
+def _mixed_levels_on_ranks(rank, world):
+    """cluster.super_method: level 1 by one method, level 2 by the other; uneven rows per rank."""
+    from dist_cluster.cluster.hierarchy import hierarchical_kmeans
+    x = _rows(n=480, seed=7)
+    mine = torch.from_numpy(x[:300] if rank == 0 else x[300:])
+    out = {}
+    for name, (super_method, method) in MIXED.items():
+        res = hierarchical_kmeans(mine, 12, 3, 4, 2, torch.device("cpu"), init_samples_per_rank=100,
+                                  method=method, super_method=super_method,
+                                  method_options={"epsilon": 0.05, "iters": 30})
+        out[name] = dict(super=res.super_local.numpy(), sub=res.sub_local.numpy(),
+                         super_sizes=res.super_sizes.numpy(), level1_init=res.level1.init_centroids.numpy(),
+                         level2_init={s: r.init_centroids.numpy() for s, r in res.level2.items()})
+    return out
+
+
+def test_each_level_by_its_own_method_equals_the_single_process_references():
+    """Level 1 and level 2 each equal their own single-process reference (SeLa's method above, the
+    numpy Lloyd of tests/test_kmeans.py) from the same initial centroids; Sinkhorn's super-clusters
+    are equal in size (160 rows each, within 10%), k-means' need not be."""
+    from tests.test_kmeans import numpy_lloyd
+    x, results = _rows(n=480, seed=7), run_ranks(_mixed_levels_on_ranks, 2)
+    for name, (super_method, method) in MIXED.items():
+        sup = np.concatenate([r[name]["super"] for r in results])
+        sub = np.concatenate([r[name]["sub"] for r in results])
+        init1 = results[0][name]["level1_init"]
+        want_sup = (reference_run(x, init1, 0.05, 30, 4)[1] if super_method == "sinkhorn"
+                    else numpy_lloyd(x, init1, 4, 2)["labels"])
+        np.testing.assert_array_equal(sup, want_sup, err_msg=name)
+        if super_method == "sinkhorn":
+            assert np.abs(np.bincount(sup, minlength=3) - 160).max() <= 16, np.bincount(sup)
+        for s in range(3):
+            init2 = next(r[name]["level2_init"][s] for r in results if s in r[name]["level2_init"])
+            rows = np.flatnonzero(sup == s)
+            want = (reference_run(x[rows], init2, 0.05, 30, 4)[1] if method == "sinkhorn"
+                    else numpy_lloyd(x[rows], init2, 4, 2 * 1_000_003 + s + 1)["labels"])
+            np.testing.assert_array_equal(sub[rows], s * 4 + want, err_msg=f"{name}, super-cluster {s}")
+
+
 def test_the_config_names_what_does_not_fit():
     from dist_cluster.config import ConfigError, load_config, validate
-    for bad, key in ((["cluster.method=spectral"], "cluster.method"), (["cluster.method=sinkhorn",
-                                                                       "cluster.sinkhorn_epsilon=0"],
-                                                                      "cluster.sinkhorn_epsilon")):
+    for bad, key in ((["cluster.method=spectral"], "cluster.method"),
+                     (["cluster.method=sinkhorn", "cluster.sinkhorn_epsilon=0"], "cluster.sinkhorn_epsilon"),
+                     (["cluster.super_method=pic"], "cluster.super_method"),
+                     (["cluster.method=pic", "cluster.m=1", "cluster.super_method=sinkhorn"],
+                      "cluster.super_method")):
         with pytest.raises(ConfigError, match=key):
             validate(load_config("configs/smoke.yaml", bad))
 
 
-def _round_on_ranks(rank, world, tmp):
+def _round_on_ranks(rank, world, tmp, method, super_method):
     from dist_cluster.cluster.stage import run_clustering
     from dist_cluster.config import ClusterConfig
 
@@ -153,13 +197,15 @@ def _round_on_ranks(rank, world, tmp):
             pass
     feats = torch.from_numpy(_rows(n=900, d=16, seed=6)[rank::world] * 3 + 1)  # raw features: PCA first
     keys = [f"k{rank}-{i}" for i in range(len(feats))]
-    cfg = ClusterConfig(k=12, m=3, pca_dim=8, niter=4, method="sinkhorn", sinkhorn_iters=30, memmap_dir=str(tmp))
+    cfg = ClusterConfig(k=12, m=3, pca_dim=8, niter=4, method=method, super_method=super_method, sinkhorn_iters=30,
+                        memmap_dir=str(tmp))
     state = run_clustering(feats, keys, cfg, 0, tmp, Log(), seed=0, device=torch.device("cpu"))
     return state.super_sizes, state.sub_sizes
 
 
-def test_a_round_clusters_with_cluster_method_sinkhorn(tmp_path):
-    """The config key reaches the hierarchy through a round's clustering (PCA-whitening + L2 first)."""
-    super_sizes, sub_sizes = run_ranks(_round_on_ranks, 2, args=(tmp_path,))[0]
+@pytest.mark.parametrize("method,super_method", [("sinkhorn", ""), ("kmeans", "sinkhorn")])
+def test_a_round_clusters_with_cluster_method_sinkhorn(tmp_path, method, super_method):
+    """The config keys reach the hierarchy through a round's clustering (PCA-whitening + L2 first)."""
+    super_sizes, sub_sizes = run_ranks(_round_on_ranks, 2, args=(tmp_path, method, super_method))[0]
     assert super_sizes.sum() == 900 and np.abs(super_sizes - 300).max() <= 30, super_sizes
     assert (sub_sizes > 0).all() and sub_sizes.sum() == 900

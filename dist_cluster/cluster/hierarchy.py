@@ -18,7 +18,8 @@ are reported in `clamped`); an empty one gets none. Every rank decides this from
 sizes, so all members of a group skip or join the same collectives.
 Modes: m == 1 (flat DeepCluster) clusters over the world with no routing; k == m needs no level 2
 (sub == super); k == 1 (RotNet) labels everything 0. method "kmeans" (Lloyd) or "sinkhorn" (the same
-iterations with balanced assignments, sinkhorn.py) at both levels; `method_options` go to it.
+iterations with balanced assignments, sinkhorn.py) at both levels, or `super_method` at level 1 only;
+`method_options` go to sinkhorn.
 
 Memory: a rank holds its own rows (RAM or a local memmap) plus the rows routed to it (about n_local
 again) on `device` (the GPU under NCCL), where level 2 reads them as contiguous slices; in flight,
@@ -89,13 +90,16 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
                         backend: str = "auto", log: Optional[Callable[..., None]] = None,
                         init_samples_per_rank: int = 10000, poll=NO_POLL,
                         route_chunk_bytes: int = ROUTE_CHUNK_BYTES, method: str = "kmeans",
-                        method_options: Optional[dict] = None) -> HierResult:
+                        method_options: Optional[dict] = None, super_method: str = "") -> HierResult:
     """Collective over the world, computed on `device`.
     `log(level=, super=, iteration=, objective=, seconds=)` per iteration; `route_chunk_bytes`
-    bounds what one routing round sends and receives per rank."""
+    bounds what one routing round sends and receives per rank. `super_method` clusters level 1
+    when it differs from `method` (e.g. sinkhorn: m super-clusters of N/m rows, so every owner
+    group gets the same level-2 work; '' = `method`)."""
     if m < 1 or k < m or k % m:
         raise ValueError(f"hierarchical k-means needs 1 <= m <= k and k % m == 0, got k={k}, m={m}")
     cluster_fn = _clusterer(method, method_options or {})
+    super_fn = _clusterer(super_method or method, method_options or {})
     n_total = int(comm.all_reduce(torch.tensor([num_rows(x_local)]), None).item())
     if k > n_total:
         raise ValueError(f"k={k} clusters but only n={n_total} images over all ranks")
@@ -106,8 +110,8 @@ def hierarchical_kmeans(x_local, k: int, m: int, niter: int, seed: int, device: 
         return None if log is None else (lambda **kw: log(level=level, super=s, **kw))
 
     with Timer() as timer:
-        level1 = cluster_fn(x_local, m, niter, seed, device, backend, None, init_samples_per_rank, level_log(1),
-                        poll=poll)
+        level1 = super_fn(x_local, m, niter, seed, device, backend, None, init_samples_per_rank, level_log(1),
+                          poll=poll)
         poll.finish()
     seconds["level1"] = timer.seconds
     super_local, super_sizes = level1.assign_local, level1.sizes

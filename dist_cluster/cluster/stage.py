@@ -107,7 +107,7 @@ def _as_str_keys(keys) -> np.ndarray:
 
 def method_options(c) -> dict:
     """The clustering method's own settings from the cluster config (none for kmeans)."""
-    if c.method == "sinkhorn":
+    if "sinkhorn" in (c.method, c.super_method):
         return {"epsilon": c.sinkhorn_epsilon, "iters": c.sinkhorn_iters}
     return {}
 
@@ -161,7 +161,7 @@ def _pca_and_kmeans(features_local, c, round_idx: int, logger, seed: int, device
         res = hierarchical_kmeans(x, c.k, c.m, c.niter, seed, device, c.backend, log=log_iteration,
                                   init_samples_per_rank=c.init_samples_per_rank, poll=poll,
                                   route_chunk_bytes=c.route_chunk_mb << 20, method=c.method,
-                                  method_options=method_options(c))
+                                  method_options=method_options(c), super_method=c.super_method)
     finally:
         del x, buf  # a memmap's disk space is freed here (its file is already unlinked)
     return pca, res

@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "measurements made on another device are not used")
     parser.add_argument("--kmeans-backend", default="faiss", choices=("faiss", "torch"))
     parser.add_argument("--method", default="kmeans", choices=("kmeans", "sinkhorn", "pic"))
+    parser.add_argument("--super-method", default="", choices=("", "kmeans", "sinkhorn"),
+                        help="level 1's method when it differs from --method")
     for name in ("sinkhorn_iters", "pic_knn", "pic_iters", "pic_nlist", "pic_nprobe"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=fields[name].default)
     parser.add_argument("--train-img-s", type=float, help="override: training rows/s per GPU")

@@ -65,6 +65,7 @@ class MemoryInputs:
     resident_host: float = 0.0
     extract_device: float = 0.0  # the trunk's forward pass during EXTRACT (plan/planner.py)
     method: str = "kmeans"  # cluster.method: kmeans | sinkhorn (its scores and scalings, cluster/sinkhorn.py) | pic
+    super_method: str = ""  # cluster.super_method: level 1's method when it differs ('' = method)
     pic_knn: int = 10  # cluster.pic_knn: PIC's edges per row
     pic_nlist: int = 0  # cluster.pic_nlist: IVF cells (0: the exact search)
     pic_nprobe: int = 16  # cluster.pic_nprobe
@@ -179,9 +180,10 @@ def _level2_return(mi: MemoryInputs, kept: dict, recv: int, index: int) -> dict[
             "return": _stage("return", _merge(kept, done), [back, files], dev)}
 
 
-def _lloyd(mi: MemoryInputs, n: int, k: int, d: int, rows_on_device: bool) -> dict:
-    """One iteration of the configured clustering method at its peak (kmeans.py or sinkhorn.py)."""
-    if mi.method == "sinkhorn":
+def _lloyd(mi: MemoryInputs, n: int, k: int, d: int, rows_on_device: bool, method: str = "") -> dict:
+    """One iteration of the level's clustering method (default: mi.method) at its peak (kmeans.py or
+    sinkhorn.py)."""
+    if (method or mi.method) == "sinkhorn":
         return sinkhorn_memory(n, k, d, mi.device, rows_on_device)
     return lloyd_memory(n, k, d, mi.device, mi.backend, rows_on_device)
 
@@ -210,7 +212,7 @@ def stage_memory(mi: MemoryInputs) -> dict[str, StageMemory]:
     kept = _merge(kept, {"pca": ("host", params_elements(D, d) * 8)})
     if mi.method == "pic":
         return {**stages, **_pic_stages(mi, kept)}
-    lloyd = _lloyd(mi, n, mi.m, d, _white_on_device(mi))
+    lloyd = _lloyd(mi, n, mi.m, d, _white_on_device(mi), mi.super_method)
     stages["level1"] = _stage("level1", kept, [lloyd], mi.device)
     kept = _merge(kept, {"level-1 labels": ("host", result_bytes(n, mi.m, d) + n * 8)})  # + sub_local's clone
     index = route.index_bytes(n, recv)[1]

@@ -29,12 +29,13 @@ def ring(nbytes: float, group: int) -> float:
     return 2 * (group - 1) / group * nbytes if group > 1 else 0.0
 
 
-def lloyd_cost(p, r, n: int, k: int, d: int, group: int, bw: float, vote: int = 0) -> tuple[float, float]:
-    """The niter iterations of one clustering of n rows over `group` ranks: the E-step pass and the
-    M-step all_reduce (+ the preemption vote at level 1); sinkhorn adds sinkhorn_iters passes and two
-    all_reduces of k numbers per iteration (cluster/sinkhorn.py), its passes costed at the E-step's
-    rate per point x centroid x dimension (an approximation)."""
-    sinkhorn = p.method == "sinkhorn"
+def lloyd_cost(p, r, n: int, k: int, d: int, group: int, bw: float, vote: int = 0,
+               method: str = "") -> tuple[float, float]:
+    """The niter iterations of one clustering of n rows over `group` ranks by `method` (default:
+    p.method): the E-step pass and the M-step all_reduce (+ the preemption vote at level 1); sinkhorn
+    adds sinkhorn_iters passes and two all_reduces of k numbers per iteration (cluster/sinkhorn.py), its
+    passes costed at the E-step's rate per point x centroid x dimension (an approximation)."""
+    sinkhorn = (method or p.method) == "sinkhorn"
     messages = [message_elements(k, d, True, vote)] + ([k] * 2 * p.sinkhorn_iters if sinkhorn else [])
     passes = 1 + (p.sinkhorn_iters if sinkhorn else 0)
     net = p.niter * sum(ring(e * 8, group) for e in messages)

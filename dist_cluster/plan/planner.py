@@ -73,6 +73,7 @@ class PlanInputs:
     device: str = "cuda"  # where PCA, k-means and training run: cuda | cpu (--bench-device)
     kmeans_backend: str = "faiss"  # the E-step kmeans.resolve_backend picks: faiss (GPU build) | torch
     method: str = "kmeans"  # cluster.method: kmeans | sinkhorn | pic
+    super_method: str = ""  # cluster.super_method: level 1's method when it differs ('' = method)
     sinkhorn_iters: int = 3  # cluster.sinkhorn_iters: one more pass over the rows each, per iteration
     pic_knn: int = 10  # cluster.pic_knn
     pic_iters: int = 200  # cluster.pic_iters
@@ -85,6 +86,9 @@ class PlanInputs:
             raise ValueError(f"--images and --gpus must be >= 1, got {self.images}, {self.gpus}")
         if self.k < self.m or self.k % self.m:
             raise ValueError(f"k={self.k} must be a multiple of m={self.m}")
+        if self.super_method not in ("", "kmeans", "sinkhorn") or (self.method == "pic" and self.super_method):
+            raise ValueError(f"--super-method {self.super_method} with --method {self.method}: kmeans | "
+                             "sinkhorn at level 1 of kmeans | sinkhorn (PIC is flat)")
         if self.method == "pic" and self.m != 1:
             raise ValueError(f"m={self.m} with --method pic: PIC is flat, pass --m 1")
         if self.pic_nlist and not (1 <= self.pic_nprobe <= self.pic_nlist <= self.images):
@@ -161,6 +165,7 @@ def resident_training_bytes(p: PlanInputs, s: Shape) -> float:
 def memory_inputs(p: PlanInputs, s: Shape) -> MemoryInputs:
     return MemoryInputs(rows=s.n, world=p.gpus, feature_dim=p.feature_dim, pca_dim=s.d, k=p.k, m=p.m,
                         device=p.device, backend=p.kmeans_backend, memmap_gb=p.memmap_gb, method=p.method,
+                        super_method=p.super_method,
                         pic_knn=p.pic_knn, pic_nlist=p.pic_nlist, pic_nprobe=p.pic_nprobe,
                         route_chunk_bytes=p.route_chunk_mb << 20, key_chars=p.key_chars,
                         resident_device=resident_training_bytes(p, s) if p.device == "cuda" else 0.0,
@@ -191,8 +196,9 @@ def clustering_rows(p: PlanInputs, s: Shape, r: Rates) -> list[StageRow]:
     pca = _row("pca", mem, [f"all_reduce {moments / 1e6:.1f} MB of float64 moments",
                             f"whitened {s.n} x {d}: {whitened}"],
                net_bytes_round=pca_net, seconds_round=pca_flop / r.pca_flops.value + pca_net / bw)
-    l1_net, l1_s = lloyd_cost(p, r, s.n, p.m, d, W, bw, vote=1)
-    level1 = _row("level1", mem, [f"{p.niter} {p.method} iterations, m={p.m} over {W} ranks"],
+    super_method = p.super_method or p.method
+    l1_net, l1_s = lloyd_cost(p, r, s.n, p.m, d, W, bw, vote=1, method=super_method)
+    level1 = _row("level1", mem, [f"{p.niter} {super_method} iterations, m={p.m} over {W} ranks"],
                   net_bytes_round=l1_net, seconds_round=l1_s)
     route = _row("route", mem, [f"all_to_all {routed / 1e9:.2f} GB per rank, in rounds of {p.route_chunk_mb} MiB"],
                  net_bytes_round=routed, seconds_round=routed / bw)
@@ -305,8 +311,8 @@ def predicted_smoke(cfg, world: int, num_samples: int) -> dict:
                         rotations=t.rotations, feature_dim=cost.feature_dim, pca_dim=c.pca_dim,
                         batch=d_cfg.batch_size, epochs=t.epochs, reassign=t.reassign, arch=m_cfg.arch,
                         sobel=bool(m_cfg.sobel), niter=c.niter, all_rotations=bool(t.all_rotations),
-                        method=c.method, sinkhorn_iters=c.sinkhorn_iters, pic_knn=c.pic_knn, pic_iters=c.pic_iters,
-                        pic_nlist=c.pic_nlist, pic_nprobe=c.pic_nprobe,
+                        method=c.method, super_method=c.super_method, sinkhorn_iters=c.sinkhorn_iters,
+                        pic_knn=c.pic_knn, pic_iters=c.pic_iters, pic_nlist=c.pic_nlist, pic_nprobe=c.pic_nprobe,
                         memmap_gb=c.memmap_gb, workers=d_cfg.num_workers, bf16=False)
     rows = {r.stage: r for r in plan(inputs)}
     s = Shape.of(inputs, cost)
