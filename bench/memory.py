@@ -5,6 +5,7 @@
     python bench/memory.py --dry-run               # the planned figures only, same JSON schema
     python bench/memory.py --device cuda --worlds 1 --backend torch   # peak CUDA memory (not run yet)
     python bench/memory.py --quick --method sinkhorn                  # the balanced assignment's buffers
+    python bench/memory.py --quick --super-method sinkhorn            # Sinkhorn at level 1, k-means at 2
     python bench/memory.py --worlds 2 --dims 64 --rows 20000,40000,80000 --k 16 --m 1 --method pic \
         --pic-nlist 512 --warmup-rows 4096 --out bench/results/memory-pic-ivf.json   # PIC, IVF graph
 
