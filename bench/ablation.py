@@ -22,7 +22,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -78,12 +77,17 @@ def baseline(path: Path, epochs: int, method: str) -> dict:
     return found
 
 
+def variant_args(name: str, args) -> argparse.Namespace:
+    """bench/quality.py's options for the variant's runs: its parser's defaults (all 60k probed, no
+    transfer) but for what the ablation sets."""
+    return quality.parse_args(["--epochs", str(args.epochs), "--nproc", str(args.nproc), "--config", args.config,
+                               "--train", args.train, "--test", args.test, "--layer-dims", str(args.layer_dims),
+                               "--runs", str(Path(args.runs) / name), *VARIANTS[name]])
+
+
 def run_variant(name: str, seed: int, args) -> dict:
     """One run of the method with the variant's overrides, evaluated like the verdict's runs."""
-    ns = SimpleNamespace(epochs=args.epochs, also_epochs=[], nproc=args.nproc, config=args.config,
-                         train=args.train, test=args.test, max_train=0, layer_dims=args.layer_dims,
-                         runs=str(Path(args.runs) / name), overrides=VARIANTS[name])
-    row = quality.train_and_eval(args.method, ns, seed)[0]
+    row = quality.train_and_eval(args.method, variant_args(name, args), seed)[0]
     row.update(variant=name, overrides=VARIANTS[name])
     return row
 

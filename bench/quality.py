@@ -314,7 +314,9 @@ def plan(args) -> list[tuple[str, int]]:
     return order
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The bench's options (bench/ablation.py builds its runs' options here too, so every option has
+    its default there)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=2, help="2 = configs/fmnist.yaml, the Quickstart run")
     parser.add_argument("--also-epochs", default="", help="also evaluate each run's trunk after these epochs "
@@ -335,9 +337,14 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT / "data"), help="where --transfer builds its shards")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out (same settings)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.also_epochs = [int(e) for e in args.also_epochs.split(",") if e]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     settings = {"epochs": args.epochs, "nproc": args.nproc, "overrides": args.overrides,
                 "max_train": args.max_train, "layer_dims": args.layer_dims, "transfer": args.transfer}
     Path(args.runs).mkdir(parents=True, exist_ok=True)

@@ -61,3 +61,29 @@ def test_the_table_measures_against_the_ablated_method(capsys):
     ablation.print_table(rows, ref, "deepcluster")
     out = capsys.readouterr().out
     assert "balance-none (2 seeds)" in out and "0.6100 ± 0.0071" in out and "+1.0, +1.0, +1.0" in out
+
+
+def test_a_variant_runs_through_the_quality_bench_with_every_option(tmp_path, monkeypatch):
+    """run_variant hands bench/quality.py a full set of its options (a hand-built namespace missed
+    --transfer once and failed after a 17-minute training): its commands carry the variant's overrides,
+    the evaluation reads back eval.json. The processes are stubbed."""
+    import json
+    from argparse import Namespace
+
+    commands = []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        run_dir = tmp_path / "m1" / "deepercluster-s3"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval.json").write_text(json.dumps({"num_classes": 10, "linear_top1": 0.5, "knn_top1": 0.4}))
+        return 1.0
+    # ablation imports bench/quality.py as the top-level module `quality` (not bench.quality): patch that one
+    monkeypatch.setattr(ablation.quality, "run", fake_run)
+    args = Namespace(epochs=10, nproc=2, config=CONFIG, train="data/fmnist/train", test="data/fmnist/test",
+                     layer_dims=0, runs=str(tmp_path), method="deepercluster")
+    row = ablation.run_variant("m1", 3, args)
+    assert row["variant"] == "m1" and row["seed"] == 3 and row["linear_top1"] == 0.5
+    train_cmd, eval_cmd = commands
+    assert "cluster.m=1" in train_cmd and "seed=3" in train_cmd and "train.epochs=10" in train_cmd
+    assert "--name" not in eval_cmd and eval_cmd[eval_cmd.index("--max-train") + 1] == "0"
