@@ -43,6 +43,7 @@ from torchvision.transforms.v2.functional import to_dtype
 
 from dist_cluster.data.image_header import image_pixels
 from dist_cluster.data.resample import resampled
+from dist_cluster.data.tar_stream import is_plain_tar, tar_members
 
 STAT_KEYS = ("samples", "decoded", "skipped_corrupt", "truncated_shards", "lost_truncated",
              "refilled", "skipped_resume", "skipped_too_large", "skipped_bad_label",
@@ -52,6 +53,7 @@ DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000: 150 MB as RGB uint8; data.max_i
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")  # jpeg, png, gif (+ webp below)
 JPEG_MAGIC = _MAGIC[0]
+_READ_BUFFER = 1 << 20  # shard reads: 1 MiB at a time instead of 8 KiB (tar headers are 512 B each)
 
 
 class EncodedBatch(NamedTuple):
@@ -93,10 +95,10 @@ def read_tar(path: str, take: int, stats: dict, allow_short: bool = False) -> It
     """
     yielded, pending, error = 0, None, None
     try:
-        with open(path, "rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-            for member in tar:
-                key, ext = _split_name(member.name)
-                if not member.isreg() or key is None:
+        with open(path, "rb", buffering=_READ_BUFFER) as fileobj:
+            for name, data in _members(fileobj):
+                key, ext = _split_name(name)
+                if key is None:
                     continue
                 if pending is not None and key != pending["__key__"]:
                     yield pending
@@ -104,7 +106,7 @@ def read_tar(path: str, take: int, stats: dict, allow_short: bool = False) -> It
                     if yielded >= take:
                         return
                 pending = pending or {"__key__": key}
-                pending[ext] = tar.extractfile(member).read()
+                pending[ext] = data
     except (tarfile.TarError, OSError, EOFError) as err:
         error = err
     if pending is not None and error is None and yielded < take:
@@ -112,6 +114,19 @@ def read_tar(path: str, take: int, stats: dict, allow_short: bool = False) -> It
         yielded += 1
     if yielded < take:  # tarfile ends silently at a cut between members: the manifest count tells
         _short_shard(path, take, yielded, error, stats, allow_short)
+
+
+def _members(fileobj) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files: tar_stream for plain tars (~9x faster), tarfile for compressed."""
+    plain = is_plain_tar(fileobj.read(8))
+    fileobj.seek(0)
+    if plain:
+        yield from tar_members(fileobj)
+        return
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for member in tar:
+            if member.isreg():
+                yield member.name, tar.extractfile(member).read()
 
 
 def _short_shard(path: str, take: int, yielded: int, error: Optional[Exception], stats: dict,
