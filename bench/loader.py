@@ -10,8 +10,9 @@ Datasets: (a) Fashion-MNIST 28 px PNG shards (--fmnist DIR; when DIR/manifest.js
 One rank (world 1), shuffle on, one pass (equal_steps=False) over at most --max-samples images.
 --decode device adds rows for the JPEG set where the workers only read and the main process
 decodes each batch on --device (data.decode=device; on a CPU device that is one core decoding).
-The per-stage cost (tar read, decode, augment) is also timed in-process. Prints a table, writes
-bench/results/loader.json.
+The per-stage cost (tar read, decode, augment) is also timed in-process, the tar read also
+through Python's tarfile beside it (what dist_cluster/data/tar_stream.py replaced). Prints a
+table, writes bench/results/loader.json.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -120,6 +122,23 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _tarfile_samples(root: Path, plan: list, limit: int) -> list[dict]:
+    """The first `limit` samples of the plan's tars read by tarfile (what read_tar used before tar_stream)."""
+    samples = []
+    for name, _ in plan:
+        with tarfile.open(root / name, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                head = member.name.rpartition("/")[0]
+                key = f"{head}/{key}" if head else key
+                if not samples or samples[-1]["__key__"] != key:
+                    if len(samples) == limit:
+                        return samples
+                    samples.append({"__key__": key})
+                samples[-1][ext.lower()] = tar.extractfile(member).read()
+    return samples
+
+
 def time_stages(root: Path, crop: int, min_scale: float, limit: int = 2000) -> dict:
     """Microseconds per image of each stage, in this process (what one worker spends)."""
     manifest = load_manifest(root)
@@ -134,6 +153,11 @@ def time_stages(root: Path, crop: int, min_scale: float, limit: int = 2000) -> d
     n = len(samples)
     read = time.perf_counter() - start
     start = time.perf_counter()
+    reference = _tarfile_samples(root, plan, n)  # the same samples through Python's tarfile, side by side
+    read_tarfile = time.perf_counter() - start
+    if reference != samples:
+        raise AssertionError(f"{root}: read_tar and tarfile disagree on the first {n} samples")
+    start = time.perf_counter()
     decoded = [decode_sample(s, manifest.has_labels)[0] for s in samples]
     decode = time.perf_counter() - start
     transform = train_transform(crop, min_scale)
@@ -144,7 +168,8 @@ def time_stages(root: Path, crop: int, min_scale: float, limit: int = 2000) -> d
     for first in range(0, n, 64):  # float + normalise, once per batch as the loader does
         transform.finish_batch(torch.stack(cropped[first:first + 64]))
     finish = time.perf_counter() - start
-    return dict(images=n, read_us=round(1e6 * read / n, 1), decode_us=round(1e6 * decode / n, 1),
+    return dict(images=n, read_us=round(1e6 * read / n, 1), read_tarfile_us=round(1e6 * read_tarfile / n, 1),
+                decode_us=round(1e6 * decode / n, 1),
                 augment_us=round(1e6 * augment / n, 1), normalize_us=round(1e6 * finish / n, 1))
 
 
@@ -186,8 +211,9 @@ def main() -> None:
                 for mode in decodes for w in args.workers]
         results["datasets"][name] = dict(root=str(root), crop=crop, min_scale=min_scale, stages=stages, runs=runs)
         for run in runs:
-            stage_text = (f"read {stages['read_us']}, decode {stages['decode_us']}, crop+flip "
-                          f"{stages['augment_us']}, normalize {stages['normalize_us']} us") if run is runs[0] else ""
+            stage_text = (f"read {stages['read_us']} (tarfile {stages['read_tarfile_us']}), decode "
+                          f"{stages['decode_us']}, crop+flip {stages['augment_us']}, normalize "
+                          f"{stages['normalize_us']} us") if run is runs[0] else ""
             print(f"{name:<20} {run['decode']:>6} {run['workers']:>7} {run['images']:>7} {run['images_per_s']:>9.0f} "
                   f"{run['cpu_us_per_image']:>10.0f} {run['startup_s']:>9.2f}  {stage_text}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
