@@ -98,6 +98,15 @@ def test_corrupt_header_is_an_error_not_garbage():
     assert [n for n, _ in got] == ["a.png"]
 
 
+def test_signed_checksum_of_old_tars_is_accepted_like_tarfile():
+    """Some old tar writers summed the header as signed bytes: a non-ASCII name then sums differently."""
+    raw = bytearray(_tar_bytes(tarfile.GNU_FORMAT, ["caf\u00e9.png"], extras=False))
+    header = bytes(raw[:512])
+    signed = 256 + sum(b - 256 if b > 127 else b for b in header[:148] + header[156:])
+    raw[148:156] = b"%06o\0 " % signed
+    assert _reference(bytes(raw)) == list(tar_members(io.BytesIO(bytes(raw)))) != []
+
+
 def test_read_tar_reads_compressed_shards_through_tarfile(tmp_path):
     raw = _tar_bytes(tarfile.USTAR_FORMAT, ["k1.png", "k1.cls", "k2.png", "k2.cls"], extras=False)
     plain, packed = tmp_path / "s.tar", tmp_path / "s.tar.gz"

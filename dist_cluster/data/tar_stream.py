@@ -52,7 +52,8 @@ def _check_sum(header: bytes) -> None:
     # the checksum field counts as 8 spaces; old tars summed signed bytes, tarfile accepts both
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32
     if stored != unsigned:
-        signed = unsigned - 2 * sum(b for b in header if b > 127)  # rare: only for non-ASCII headers
+        # a byte over 127 counts as b - 256 in a signed sum (rare: non-ASCII names); the field itself is spaces
+        signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
         if stored != signed:
             raise TarHeaderError(f"header checksum {stored} != {unsigned}")
 
