@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is run as a script: the repo's tests/ he
 from dist_cluster.data.loader import ShardLoader, read_plan  # noqa: E402
 from dist_cluster.data.manifest import load_manifest  # noqa: E402
 from dist_cluster.data.transforms import train_transform  # noqa: E402
-from dist_cluster.data.worker import decode_sample, read_tar  # noqa: E402
+from dist_cluster.data.worker import _split_name, decode_sample, read_tar  # noqa: E402
 from tests.shard_fixtures import encode_image, write_shards  # noqa: E402
 
 CACHE = Path(os.environ.get("DIST_CLUSTER_CACHE", Path.home() / ".cache" / "dist_cluster")) / "bench"
@@ -128,14 +128,12 @@ def _tarfile_samples(root: Path, plan: list, limit: int) -> list[dict]:
     for name, _ in plan:
         with tarfile.open(root / name, mode="r|") as tar:
             for member in tar:
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                head = member.name.rpartition("/")[0]
-                key = f"{head}/{key}" if head else key
+                key, ext = _split_name(member.name)
                 if not samples or samples[-1]["__key__"] != key:
                     if len(samples) == limit:
                         return samples
                     samples.append({"__key__": key})
-                samples[-1][ext.lower()] = tar.extractfile(member).read()
+                samples[-1][ext] = tar.extractfile(member).read()
     return samples
 
 

@@ -117,7 +117,8 @@ def read_tar(path: str, take: int, stats: dict, allow_short: bool = False) -> It
 
 
 def _members(fileobj) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files: tar_stream for plain tars (~9x faster), tarfile for compressed."""
+    """(name, bytes) of the regular files: tar_stream for plain tars (7.6x tarfile on 28 px samples), tarfile
+    for compressed ones."""
     plain = is_plain_tar(fileobj.read(8))
     fileobj.seek(0)
     if plain:
