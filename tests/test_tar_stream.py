@@ -98,6 +98,22 @@ def test_corrupt_header_is_an_error_not_garbage():
     assert [n for n, _ in got] == ["a.png"]
 
 
+def test_garbled_pax_header_is_a_tar_error_and_a_short_shard(tmp_path):
+    """A pax record that does not parse ends the shard like any bad header: counted, never a ValueError."""
+    raw = bytearray(_tar_bytes(tarfile.PAX_FORMAT, ["k1.png", "k1.cls", "k2.png", "k2.cls", LONG], extras=False))
+    layout = _layout(bytes(raw))
+    pax_data = layout[4].offset + 512  # the 'x' header of the long name, then its records
+    raw[pax_data:pax_data + 4] = b"zz9 "
+    with pytest.raises(TarHeaderError, match="bad pax record"):
+        list(tar_members(io.BytesIO(bytes(raw))))
+    path = tmp_path / "s.tar"
+    path.write_bytes(bytes(raw))
+    stats = dict(truncated_shards=0, lost_truncated=0)
+    with pytest.warns(UserWarning, match="bad pax record"):  # k2, pending at the error, is dropped as at a cut
+        assert [s["__key__"] for s in read_tar(str(path), 3, stats, allow_short=True)] == ["k1"]
+    assert stats == dict(truncated_shards=1, lost_truncated=2)
+
+
 def test_signed_checksum_of_old_tars_is_accepted_like_tarfile():
     """Some old tar writers summed the header as signed bytes: a non-ASCII name then sums differently."""
     raw = bytearray(_tar_bytes(tarfile.GNU_FORMAT, ["caf\u00e9.png"], extras=False))

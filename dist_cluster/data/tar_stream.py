@@ -75,10 +75,10 @@ def _pax_records(data: bytes) -> dict[str, str]:
     """'%d %s=%s\\n' records (the length counts the whole record) -> {keyword: value}."""
     records, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] != b"\0":
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= 0:
-            raise TarHeaderError(f"bad pax record length {length}")
+        space = data.find(b" ", pos)
+        length = int(data[pos:space]) if data[pos:space].isdigit() else 0
+        if space < 0 or length <= space - pos:
+            raise TarHeaderError(f"bad pax record at byte {pos}: {data[pos:pos + 32]!r}")
         keyword, _, value = data[space + 1:pos + length - 1].partition(b"=")
         records[keyword.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
@@ -103,7 +103,7 @@ def tar_members(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
             raise EOFError(f"tar cut inside a header: {len(header)} of {BLOCK} bytes")
         _check_sum(header)
         kind = header[156:157]
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        size = int(pax["size"]) if pax.get("size", "").isdigit() else _number(header[124:136])
         if size < 0:
             raise TarHeaderError(f"negative member size {size}")
         data = _read_member(fileobj, size, header)
